@@ -1,0 +1,121 @@
+"""The error tree of celery-checkpoint.
+
+::
+
+    CheckpointError
+     ├── ImproperlyConfigured
+     ├── InvalidRunId          (also ValueError)
+     ├── CorruptCheckpoint
+     ├── CheckpointNotFound
+     ├── LeaseLost
+     ├── ResumeRejected        (bad resume input; carries the validation errors)
+     ├── AlreadyResumed        (another resume request won the compare-and-set)
+     ├── PauseExpired
+     ├── RunCancelled
+     └── StoreUnavailable      (backend I/O failure; carries the cause)
+
+:class:`~celery_checkpoint.Pause` is deliberately *not* here: pausing is control
+flow, not failure, the way Celery keeps ``Retry``/``Ignore`` apart from errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "AlreadyResumed",
+    "CheckpointError",
+    "CheckpointNotFound",
+    "CorruptCheckpoint",
+    "ImproperlyConfigured",
+    "InvalidRunId",
+    "LeaseLost",
+    "PauseExpired",
+    "ResumeRejected",
+    "RunCancelled",
+    "StoreUnavailable",
+]
+
+
+class CheckpointError(Exception):
+    """Root of every error this package raises."""
+
+
+class ImproperlyConfigured(CheckpointError):
+    """A setting, store URL or option is wrong; the message names the fix."""
+
+
+class InvalidRunId(CheckpointError, ValueError):
+    """A run id that could escape the store or collide with its own files."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A stored record for one run cannot be parsed. Other runs are unaffected."""
+
+    def __init__(self, run_id: str, detail: str) -> None:
+        super().__init__(f"checkpoint {run_id!r} is corrupt: {detail}")
+        self.run_id = run_id
+        self.detail = detail
+
+
+class CheckpointNotFound(CheckpointError):
+    """No paused run has this id (never paused, completed, or cancelled and purged)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no paused run {run_id!r} in the checkpoint store")
+        self.run_id = run_id
+
+
+class LeaseLost(CheckpointError):
+    """A write carried a fencing token that is no longer the run's current one.
+
+    Nothing was changed: another worker owns the run now (its lease expired and
+    it was recovered), or the run was completed or cancelled meanwhile.
+    """
+
+    def __init__(self, run_id: str, detail: str) -> None:
+        super().__init__(f"lease on run {run_id!r} lost: {detail}")
+        self.run_id = run_id
+
+
+class ResumeRejected(CheckpointError):
+    """The resume input failed validation against the pause's ``expects``.
+
+    ``errors`` holds pydantic's structured errors; the run stays paused.
+    """
+
+    def __init__(self, run_id: str, message: str, errors: list[Any] | None = None) -> None:
+        super().__init__(f"resume of run {run_id!r} rejected: {message}")
+        self.run_id = run_id
+        self.errors: list[Any] = list(errors or [])
+
+
+class AlreadyResumed(CheckpointError):
+    """Another resume request (a different ``request_id``) is already pending."""
+
+    def __init__(self, run_id: str, pending_request_id: str) -> None:
+        super().__init__(
+            f"run {run_id!r} already has a pending resume request {pending_request_id!r}"
+        )
+        self.run_id = run_id
+        self.pending_request_id = pending_request_id
+
+
+class PauseExpired(CheckpointError):
+    """The pause timed out with ``on_timeout="expire"``: the run can no longer resume."""
+
+
+class RunCancelled(CheckpointError):
+    """The run was cancelled: it will never resume."""
+
+
+class StoreUnavailable(CheckpointError):
+    """The backend failed to read or write (disk full, read-only, connection lost).
+
+    ``cause`` is the underlying exception. For a write, nothing was changed
+    unless the message says otherwise: the previous checkpoint is intact.
+    """
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(f"{message}: {cause}" if cause is not None else message)
+        self.cause = cause

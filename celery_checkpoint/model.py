@@ -1,0 +1,216 @@
+"""The checkpoint record, its lease, and run-id validation.
+
+A :class:`PausedWorkflow` is everything needed to continue a run after its
+worker has gone: the task, its arguments, the Celery request fields that keep a
+chain or chord attached, the user's JSON state, and the pending resume request.
+It is serialised as JSON (never pickle) and carries ``schema_version`` so newer
+code can read records written by older code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+
+from .exceptions import InvalidRunId
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "CeleryRequest",
+    "Lease",
+    "Owner",
+    "PausedWorkflow",
+    "ResumeRequest",
+    "RunStatus",
+    "utcnow",
+    "validate_run_id",
+]
+
+SCHEMA_VERSION = 1
+
+_RUN_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}")
+# Names the stores use for their own files; a run id ending in one could be
+# mistaken for one of them by a person reading the directory, so it is refused.
+_RESERVED_SUFFIXES = (".json", ".inflight", ".corrupt", ".tmp", ".lock", ".pending", ".ended")
+
+RunStatus = Literal["paused", "cancelled", "expired", "failed"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def validate_run_id(run_id: object) -> str:
+    """Return ``run_id`` if it is safe as a file name and a key; raise :class:`InvalidRunId`.
+
+    Allowed: 1-200 characters of ``[A-Za-z0-9_.:-]``, not starting with ``.``
+    and not ending in a suffix the stores use for their own files.
+    """
+    if not isinstance(run_id, str):
+        raise InvalidRunId(f"run id must be a string, not {type(run_id).__name__}")
+    if not _RUN_ID.fullmatch(run_id):
+        shown = run_id if len(run_id) <= 60 else run_id[:57] + "..."
+        raise InvalidRunId(
+            f"invalid run id {shown!r}: use 1-200 characters of [A-Za-z0-9_.:-], "
+            "not starting with '.'"
+        )
+    if run_id.endswith(_RESERVED_SUFFIXES):
+        raise InvalidRunId(
+            f"invalid run id {run_id!r}: it ends in a reserved suffix "
+            f"({', '.join(_RESERVED_SUFFIXES)})"
+        )
+    return run_id
+
+
+class Owner(BaseModel):
+    """Who holds a lease: a worker node name and the process on its host."""
+
+    model_config = ConfigDict(frozen=True)
+
+    node: str
+    host: str
+    pid: int
+    # Process start time (clock ticks since boot, from /proc) so a recycled pid
+    # is not mistaken for the owner. None where /proc is not available.
+    pid_start: int | None = None
+
+    @classmethod
+    def current(cls, node: str | None = None) -> Owner:
+        pid = os.getpid()
+        host = socket.gethostname()
+        return cls(node=node or f"{host}:{pid}", host=host, pid=pid, pid_start=_pid_start(pid))
+
+    def is_dead_here(self) -> bool:
+        """True only when the owner is proved dead: same host and its process is gone."""
+        if self.host != socket.gethostname():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False  # alive, owned by another user
+        if self.pid_start is not None:
+            started = _pid_start(self.pid)
+            if started is not None and started != self.pid_start:
+                return True  # the pid was recycled by another process
+        return False
+
+    def __str__(self) -> str:
+        return f"{self.node} (pid {self.pid} on {self.host})"
+
+
+def _pid_start(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:
+        return None
+    # Field 22 (starttime); field 2 (comm) may hold spaces, so split after ')'.
+    try:
+        return int(stat.rsplit(b")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+class Lease(BaseModel):
+    """The right to run a claimed checkpoint, fenced by a token that grows on every claim."""
+
+    token: int
+    owner: Owner
+    claimed_at: datetime
+    expires_at: datetime
+
+    def expired(self, now: datetime) -> bool:
+        return now >= self.expires_at
+
+
+class ResumeRequest(BaseModel):
+    """A resume recorded on the paused record; the worker takes its input from here."""
+
+    request_id: str
+    input: JsonValue = None
+    pause_seq: int
+    requested_at: datetime = Field(default_factory=utcnow)
+    # pending: waiting for (or being run by) a worker. failed: the resumed body
+    # raised; a Celery retry of the same message still resumes with this input,
+    # the recovery timer does not re-send it, and a new resume may replace it.
+    status: Literal["pending", "failed"] = "pending"
+    error: str | None = None
+    timed_out: bool = False
+
+
+class CeleryRequest(BaseModel):
+    """The request fields a re-sent message needs to continue the run's canvas.
+
+    ``signature`` is the JSON form of ``task.signature_from_request()`` taken at
+    pause time: task id, root/parent/group ids, chord, chain, link, link_error,
+    reply_to and routing options.
+    """
+
+    task_id: str | None = None
+    root_id: str | None = None
+    parent_id: str | None = None
+    group_id: str | None = None
+    signature: dict[str, Any] = Field(default_factory=dict)
+
+
+class PausedWorkflow(BaseModel):
+    """One checkpoint: a run stopped at ``step``, waiting to be resumed."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    task_name: str
+    step: str
+    pause_seq: int = 1
+    state: JsonValue = None
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    request: CeleryRequest = Field(default_factory=CeleryRequest)
+    reason: str | None = None
+    # Import path ("module:QualName") of the type the resume input must match.
+    expects: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    paused_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime | None = None
+    on_timeout: Literal["expire", "resume"] = "expire"
+    resume: ResumeRequest | None = None
+    # Fencing token of the last claim that ended (released, re-paused, recovered).
+    # The next claim takes last_token + 1, so tokens grow on every claim of a run.
+    last_token: int = 0
+    # How the lease of last_token ended, so a late ``complete`` by that holder
+    # can tell its own re-pause (a no-op) from a lost lease (LeaseLost).
+    lease_ended_by: Literal["repause", "release", "recovery", "cancel"] | None = None
+    recoveries: int = 0
+    status: RunStatus = "paused"
+    ended_reason: str | None = None
+    # Set on the record a claim returns; never stored on the paused record.
+    lease: Lease | None = None
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @field_validator("run_id")
+    @classmethod
+    def _check_run_id(cls, value: str) -> str:
+        return validate_run_id(value)
+
+    @field_validator("created_at", "paused_at", "expires_at")
+    @classmethod
+    def _utc(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude={"lease"}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> PausedWorkflow:
+        """Parse a stored record; older ``schema_version`` records are upgraded here."""
+        return cls.model_validate_json(data)

@@ -17,6 +17,7 @@ from .exceptions import (
 )
 from .model import Lease, Owner, PausedWorkflow, ResumeRequest
 from .store import CheckpointStore, RunInfo
+from .task import PAUSED, Checkpoints, Pause, Run
 
 try:
     __version__ = version("celery-checkpoint")
@@ -24,20 +25,24 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "PAUSED",
     "AlreadyResumed",
     "CheckpointError",
     "CheckpointNotFound",
     "CheckpointStore",
+    "Checkpoints",
     "CorruptCheckpoint",
     "ImproperlyConfigured",
     "InvalidRunId",
     "Lease",
     "LeaseLost",
     "Owner",
+    "Pause",
     "PauseExpired",
     "PausedWorkflow",
     "ResumeRejected",
     "ResumeRequest",
+    "Run",
     "RunCancelled",
     "RunInfo",
     "StoreUnavailable",

@@ -1,0 +1,597 @@
+"""Pause a Celery task in the middle and resume it exactly once.
+
+A task body raises :class:`Pause`; the run's state is saved as a checkpoint,
+the Celery state becomes ``PAUSED`` and the worker slot is freed. Later,
+:meth:`Checkpoints.resume` records the input and re-sends the task with its
+original id and canvas, so ``AsyncResult(id).get()`` and the rest of a chain
+receive the resumed run's value::
+
+    from datetime import timedelta
+    from pydantic import BaseModel
+    from celery import Celery
+    from celery_checkpoint import Checkpoints, Pause
+
+    app = Celery("shop", broker="redis://localhost:6379/0", backend="redis://localhost:6379/1")
+    checkpoints = Checkpoints(app, store="/var/lib/shop/checkpoints")
+
+    class Approval(BaseModel):
+        approved: bool
+
+    @checkpoints.task(bind=True)
+    def ship(self, order_id):
+        run = checkpoints.current()
+        if not run.resumed:
+            reserve_stock(order_id)
+            raise Pause("await_approval", state={"reserved": True}, expects=Approval)
+        return "shipped" if run.resume_input.approved else "cancelled"
+
+    res = ship.delay(42)                          # res.state == "PAUSED" once it pauses
+    checkpoints.resume(res.id, {"approved": True})
+    res.get()                                     # "shipped"
+
+The body runs again from its top on resume: code before the pause point must
+look at ``run.resumed`` / ``run.state`` to skip work already done.
+
+Around a resumed body the decorator claims the checkpoint (exactly one of any
+number of deliveries wins; the others are acknowledged and do nothing),
+heartbeats the lease while the body runs, then completes the run (the body
+returned), saves it again (another ``Pause``) or releases it (an exception:
+the run returns to PAUSED and Celery's own failure and retry handling runs).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import importlib
+import inspect
+import logging
+import threading
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal, cast
+
+from celery import Celery
+from celery.exceptions import Ignore
+from celery.result import AsyncResult
+from pydantic import JsonValue, TypeAdapter, ValidationError
+
+from .config import CheckpointConfig
+from .exceptions import (
+    CheckpointNotFound,
+    ImproperlyConfigured,
+    LeaseLost,
+    PauseExpired,
+    ResumeRejected,
+    RunCancelled,
+)
+from .model import CeleryRequest, Owner, PausedWorkflow, ResumeRequest, utcnow, validate_run_id
+from .store import CheckpointStore, open_store
+
+__all__ = ["HEADER", "PAUSED", "Checkpoints", "Pause", "Run"]
+
+logger = logging.getLogger("celery_checkpoint")
+
+#: The Celery state of a paused run.
+PAUSED = "PAUSED"
+#: Message header that marks a resume (absent on a first execution).
+HEADER = "celery_checkpoint"
+
+_REGISTRY: weakref.WeakKeyDictionary[Celery, Checkpoints] = weakref.WeakKeyDictionary()
+_CURRENT: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
+    "checkpoint_run", default=None
+)
+
+
+class Pause(Exception):
+    """Raise in a checkpointed task body to pause the run at ``step``.
+
+    ``state`` is JSON the resumed body reads back as ``run.state``. ``timeout``
+    (a ``timedelta`` or seconds) ends the pause on its own: ``on_timeout="expire"``
+    fails the run with ``PauseExpired``; ``"resume"`` resumes it with
+    ``run.timed_out`` true and no input. ``expects`` is a pydantic model or
+    type the resume input is validated against before anything changes.
+    """
+
+    def __init__(
+        self,
+        step: str,
+        *,
+        state: JsonValue = None,
+        timeout: timedelta | float | None = None,
+        on_timeout: Literal["expire", "resume"] = "expire",
+        expects: Any = None,
+        reason: str | None = None,
+        metadata: dict[str, JsonValue] | None = None,
+    ) -> None:
+        if not isinstance(step, str) or not step:
+            raise TypeError("Pause needs a step name: Pause('await_approval', ...)")
+        if on_timeout not in ("expire", "resume"):
+            raise ValueError(f"on_timeout must be 'expire' or 'resume', not {on_timeout!r}")
+        if isinstance(timeout, int | float):
+            timeout = timedelta(seconds=timeout)
+        if timeout is not None and timeout <= timedelta(0):
+            raise ValueError(f"Pause timeout must be positive, not {timeout}")
+        super().__init__(step)
+        self.step = step
+        self.state = state
+        self.timeout = timeout
+        self.on_timeout = on_timeout
+        self.expects = expects
+        self.expects_path = None if expects is None else type_path(expects)
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+
+    def __repr__(self) -> str:
+        return f"Pause({self.step!r})"
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a checkpointed body knows about its run: ``checkpoints.current()``."""
+
+    run_id: str
+    resumed: bool
+    step: str | None = None
+    pause_seq: int = 0
+    state: JsonValue = None
+    resume_input: Any = None
+    timed_out: bool = False
+    request_id: str | None = None
+    token: int | None = None
+
+
+def type_path(expects: Any) -> str:
+    """``module:QualName`` of a type so a resume in another process can validate against it."""
+    module = getattr(expects, "__module__", None)
+    qualname = getattr(expects, "__qualname__", None)
+    if not module or not qualname or "<locals>" in qualname:
+        raise ImproperlyConfigured(
+            f"Pause(expects={expects!r}): expects must be a pydantic model or type defined at "
+            "module level, so the process that resumes the run can import it"
+        )
+    return f"{module}:{qualname}"
+
+
+@functools.lru_cache(maxsize=256)
+def _adapter(path: str) -> TypeAdapter[Any]:
+    module_name, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ImproperlyConfigured(
+            f"cannot import the resume input type {path!r}: {exc}. Import the module that "
+            "defines it where resume() is called"
+        ) from exc
+    return TypeAdapter(obj)
+
+
+def _validate_input(run: PausedWorkflow, value: Any) -> tuple[Any, JsonValue]:
+    """Validate ``value`` against the pause's ``expects``: (python value, its JSON form)."""
+    if run.expects is None:
+        try:
+            return value, TypeAdapter(JsonValue).validate_python(value)
+        except ValidationError as exc:
+            raise ResumeRejected(run.run_id, "the input is not JSON", exc.errors()) from exc
+    adapter = _adapter(run.expects)
+    try:
+        parsed = adapter.validate_python(value)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        raise ResumeRejected(
+            run.run_id, f"input does not match {run.expects}: {exc.error_count()} error(s)", errors
+        ) from exc
+    return parsed, cast(JsonValue, adapter.dump_python(parsed, mode="json"))
+
+
+def _json_safe(value: Any) -> Any:
+    """Copy of a signature dict holding only JSON types (what a message carries anyway)."""
+    from kombu.utils import json as kombu_json
+
+    codec: Any = kombu_json
+    return codec.loads(codec.dumps(value))
+
+
+class Checkpoints:
+    """Bind a Celery app to a checkpoint store.
+
+    ``store`` is a directory, a URL (``file:///dir``, ``redis://host:port/db``)
+    or a store object; without it ``app.conf.checkpoint_store`` or the worker's
+    ``--checkpoint-store`` option is used. Creating this object adds the
+    :class:`~celery_checkpoint.bootstep.CheckpointRecovery` worker bootstep.
+    """
+
+    def __init__(self, app: Celery, store: str | CheckpointStore | None = None) -> None:
+        from .bootstep import install
+
+        self.app = app
+        self._store_arg = store
+        self._store: CheckpointStore | None = store if isinstance(store, CheckpointStore) else None
+        self._config: CheckpointConfig | None = None
+        self._lock = threading.Lock()
+        _REGISTRY[app] = self
+        install(app)
+
+    @classmethod
+    def for_app(cls, app: Celery) -> Checkpoints:
+        """The app's ``Checkpoints``, created from ``app.conf`` if there is none yet."""
+        found = _REGISTRY.get(app)
+        return found if found is not None else cls(app)
+
+    # -- configuration and store ---------------------------------------------
+
+    @property
+    def config(self) -> CheckpointConfig:
+        if self._config is None:
+            explicit = self._store_arg if isinstance(self._store_arg, str) else None
+            self._config = CheckpointConfig.from_app(self.app, store=explicit)
+        return self._config
+
+    def reset(self) -> None:
+        """Forget the opened store and settings (after ``app.conf`` changed)."""
+        with self._lock:
+            if self._store is not None and not isinstance(self._store_arg, CheckpointStore):
+                self._store.close()
+                self._store = None
+            self._config = None
+
+    @property
+    def store(self) -> CheckpointStore:
+        """The store, opened on first use in each process."""
+        if self._store is None:
+            with self._lock:
+                if self._store is None:
+                    config = self.config
+                    self._store = open_store(config.store, lease_seconds=config.lease_seconds)
+        return self._store
+
+    # -- the task decorator ----------------------------------------------------
+
+    def task(self, *args: Any, **options: Any) -> Any:
+        """Like ``app.task``, wrapping the body so it can ``raise Pause(...)``."""
+
+        def decorate(fun: Callable[..., Any]) -> Any:
+            return self.app.task(**options)(self._wrap(fun, bind=bool(options.get("bind"))))
+
+        if len(args) == 1 and callable(args[0]) and not options:
+            return decorate(args[0])
+        if args:
+            raise TypeError("checkpoints.task() takes the body or keyword options only")
+        return decorate
+
+    def _wrap(self, fun: Callable[..., Any], *, bind: bool) -> Callable[..., Any]:
+        from celery import current_task
+
+        @functools.wraps(fun)
+        def checkpointed(*args: Any, **kwargs: Any) -> Any:
+            task = args[0] if bind else current_task._get_current_object()
+            return self._execute(task, fun, args, kwargs)
+
+        # Celery names the task and checks call arguments from this signature.
+        checkpointed.__signature__ = inspect.signature(fun)  # type: ignore[attr-defined]
+        return checkpointed
+
+    def current(self) -> Run:
+        """The run of the body executing in this thread; ``RuntimeError`` outside one."""
+        run = _CURRENT.get()
+        if run is None:
+            raise RuntimeError("checkpoints.current() is only available inside a checkpoint task")
+        return run
+
+    def _execute(
+        self, task: Any, fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        request = task.request
+        run_id = request.id
+        if run_id is None or getattr(request, "called_directly", False):
+            # Called as a plain function, not through Celery: no run to checkpoint.
+            token = _CURRENT.set(Run(run_id="", resumed=False))
+            try:
+                return fun(*args, **kwargs)
+            finally:
+                _CURRENT.reset(token)
+        header = _header(request)
+        if header is None:
+            return self._first_execution(task, fun, args, kwargs)
+        return self._resumed_execution(task, fun, args, kwargs, header)
+
+    def _first_execution(
+        self, task: Any, fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        run_id = validate_run_id(task.request.id)
+        if self.store.load(run_id) is not None or self.store.ended(run_id) is not None:
+            logger.warning(
+                "run %s: ignoring a redelivered first-execution message, the run already has "
+                "a checkpoint (running the body again would repeat its side effects)",
+                run_id,
+            )
+            raise Ignore()
+        context = _CURRENT.set(Run(run_id=run_id, resumed=False))
+        try:
+            return fun(*args, **kwargs)
+        except Pause as pause:
+            self._pause(task, pause, previous=None, token=None)
+        finally:
+            _CURRENT.reset(context)
+
+    def _resumed_execution(
+        self,
+        task: Any,
+        fun: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        header: dict[str, Any],
+    ) -> Any:
+        run_id = validate_run_id(task.request.id)
+        pause_seq = header.get("pause_seq")
+        config = self.config
+        owner = Owner.current(node=getattr(task.request, "hostname", None))
+        run = self.store.claim(
+            run_id,
+            owner=owner,
+            lease_seconds=config.lease_seconds,
+            pause_seq=pause_seq if isinstance(pause_seq, int) else None,
+        )
+        if run is None or run.lease is None:
+            logger.info(
+                "run %s: message for pause %s not claimed (a duplicate delivery, a second "
+                "resume, or the run is in flight, ended or at another pause): acknowledged, "
+                "nothing run",
+                run_id,
+                pause_seq,
+            )
+            raise Ignore()
+        lease_token = run.lease.token
+        if header.get("kind") == "timeout" and run.on_timeout == "expire":
+            self.store.cancel(run_id, reason="pause timed out", status="expired", token=lease_token)
+            logger.info("run %s: pause %r expired", run_id, run.step)
+            raise PauseExpired(f"run {run_id!r} expired while paused at step {run.step!r}")
+        request = run.resume
+        timed_out = header.get("kind") == "timeout"
+        try:
+            resume_input = None
+            if request is not None and not timed_out:
+                resume_input, _ = _validate_input(run, request.input)
+        except BaseException as exc:
+            self.store.release(run_id, lease_token, error=repr(exc))
+            raise
+        current = Run(
+            run_id=run_id,
+            resumed=True,
+            step=run.step,
+            pause_seq=run.pause_seq,
+            state=run.state,
+            resume_input=resume_input,
+            timed_out=timed_out,
+            request_id=None if request is None else request.request_id,
+            token=lease_token,
+        )
+        logger.info("run %s: resumed at step %r (token %d)", run_id, run.step, lease_token)
+        context = _CURRENT.set(current)
+        try:
+            with _Heartbeat(self.store, run_id, lease_token, config) as heartbeat:
+                try:
+                    result = fun(*args, **kwargs)
+                except Pause as pause:
+                    heartbeat.stop()
+                    self._pause(task, pause, previous=run, token=lease_token)
+                except BaseException as exc:
+                    heartbeat.stop()
+                    self._release(run_id, lease_token, exc)
+                    raise
+            self._complete(run_id, lease_token)
+            return result
+        finally:
+            _CURRENT.reset(context)
+
+    def _release(self, run_id: str, token: int, exc: BaseException) -> None:
+        try:
+            self.store.release(run_id, token, error=f"{type(exc).__name__}: {exc}")
+        except LeaseLost as lost:
+            logger.error("run %s: body failed after its lease was lost: %s", run_id, lost)
+        else:
+            logger.info("run %s: body raised %r; run released back to PAUSED", run_id, exc)
+
+    def _complete(self, run_id: str, token: int) -> None:
+        try:
+            self.store.complete(run_id, token=token)
+        except LeaseLost as lost:
+            # Another worker owns the run now: storing this result would race it.
+            logger.error(
+                "run %s: finished after its lease was lost, result dropped: %s", run_id, lost
+            )
+            raise Ignore() from lost
+        logger.info("run %s: completed", run_id)
+
+    def _pause(
+        self, task: Any, pause: Pause, *, previous: PausedWorkflow | None, token: int | None
+    ) -> None:
+        request = task.request
+        run_id = validate_run_id(request.id)
+        now = utcnow()
+        # What a resume re-sends: same id, args and canvas; no expiry (a worker
+        # discards a task id it has seen expire) and no stale resume header.
+        signature = dict(task.signature_from_request())
+        options = dict(signature.get("options") or {})
+        options.pop("expires", None)
+        headers = dict(options.get("headers") or {})
+        headers.pop(HEADER, None)
+        options["headers"] = headers
+        signature["options"] = options
+        record = PausedWorkflow(
+            run_id=run_id,
+            task_name=task.name,
+            step=pause.step,
+            pause_seq=(previous.pause_seq + 1) if previous is not None else 1,
+            state=pause.state,
+            args=list(request.args or ()),
+            kwargs=dict(request.kwargs or {}),
+            request=CeleryRequest(
+                task_id=request.id,
+                root_id=request.root_id,
+                parent_id=request.parent_id,
+                group_id=request.group,
+                signature=_json_safe(signature),
+            ),
+            reason=pause.reason,
+            expects=pause.expects_path,
+            created_at=previous.created_at if previous is not None else now,
+            paused_at=now,
+            expires_at=None if pause.timeout is None else now + pause.timeout,
+            on_timeout=pause.on_timeout,
+            last_token=previous.last_token if previous is not None else 0,
+            recoveries=previous.recoveries if previous is not None else 0,
+            metadata=pause.metadata,
+        )
+        try:
+            self.store.save(record, token=token)
+        except LeaseLost as lost:
+            logger.error("run %s: re-pause after the lease was lost, dropped: %s", run_id, lost)
+            raise Ignore() from lost
+        if token is not None:
+            self.store.complete(run_id, token=token)
+        meta = {
+            "run_id": run_id,
+            "step": pause.step,
+            "reason": pause.reason,
+            "pause_seq": record.pause_seq,
+            "expires_at": None if record.expires_at is None else record.expires_at.isoformat(),
+        }
+        task.update_state(state=PAUSED, meta=meta)
+        logger.info("run %s: paused at step %r (pause %d)", run_id, pause.step, record.pause_seq)
+        raise Ignore()
+
+    # -- resuming --------------------------------------------------------------
+
+    def resume(
+        self,
+        run_id: str,
+        input: Any = None,
+        *,
+        request_id: str | None = None,
+        pause_seq: int | None = None,
+    ) -> AsyncResult:
+        """Resume a paused run with ``input``; returns the run's ``AsyncResult``.
+
+        ``input`` is validated against the pause's ``expects`` before anything
+        changes (``ResumeRejected``, the run stays paused). The same
+        ``request_id`` twice is one resume; a different one while a request is
+        pending raises ``AlreadyResumed``. Unknown runs raise
+        ``CheckpointNotFound``, cancelled ones ``RunCancelled``, expired ones
+        ``PauseExpired``; ``pause_seq`` guards against resuming a later pause
+        than the one the caller saw.
+        """
+        run_id = validate_run_id(run_id)
+        run = self.store.load(run_id)
+        if run is None:
+            ended = self.store.ended(run_id)
+            if ended is not None:
+                if ended.status == "expired":
+                    raise PauseExpired(f"run {run_id!r} expired at step {ended.step!r}")
+                raise RunCancelled(f"run {run_id!r} was {ended.status}: {ended.ended_reason}")
+            raise CheckpointNotFound(run_id)
+        if pause_seq is not None and pause_seq != run.pause_seq:
+            raise ResumeRejected(
+                run_id,
+                f"the resume aims at pause {pause_seq} but the run is at pause {run.pause_seq}",
+            )
+        _, stored = _validate_input(run, input)
+        accepted = self.store.request_resume(
+            run_id, stored, request_id or uuid.uuid4().hex, pause_seq=run.pause_seq
+        )
+        self.send(run, accepted)
+        logger.info("run %s: resume %s accepted", run_id, accepted.request_id)
+        return AsyncResult(run_id, app=self.app)
+
+    def send(
+        self, run: PausedWorkflow, request: ResumeRequest | None, kind: str = "resume"
+    ) -> None:
+        """(Re-)send the run's task message with its original id and canvas."""
+        from celery import signature as make_signature
+
+        sig = make_signature(dict(run.request.signature), app=self.app)
+        headers = dict(sig.options.get("headers") or {})
+        headers[HEADER] = {
+            "kind": kind,
+            "pause_seq": run.pause_seq,
+            "request_id": None if request is None else request.request_id,
+        }
+        sig.options.pop("expires", None)
+        sig.options["headers"] = headers
+        sig.options["task_id"] = run.run_id
+        sig.apply_async()
+
+    def cancel(self, run_id: str, reason: str | None = None) -> PausedWorkflow:
+        """Cancel a paused or in-flight run for good; its Celery state becomes REVOKED.
+
+        An in-flight owner is fenced: its next heartbeat or final write raises
+        ``LeaseLost`` and its result is dropped.
+        """
+        run = self.store.cancel(validate_run_id(run_id), reason=reason, status="cancelled")
+        if run is None:
+            raise CheckpointNotFound(run_id)
+        from celery import states
+
+        self.app.backend.store_result(
+            run_id, RunCancelled(f"run {run_id!r} cancelled: {reason}"), states.REVOKED
+        )
+        return run
+
+    def runs(self, **filters: Any) -> Iterator[Any]:
+        """Paused and in-flight runs, as :class:`~celery_checkpoint.RunInfo`."""
+        return self.store.list(**filters)
+
+
+class _Heartbeat:
+    """Renews a lease from a daemon thread while the body runs."""
+
+    def __init__(
+        self, store: CheckpointStore, run_id: str, token: int, config: CheckpointConfig
+    ) -> None:
+        self.store = store
+        self.run_id = run_id
+        self.token = token
+        self.config = config
+        self.lost: LeaseLost | None = None
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._beat, name=f"checkpoint-heartbeat-{run_id}", daemon=True
+        )
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.config.heartbeat_interval):
+            try:
+                self.store.heartbeat(
+                    self.run_id, self.token, lease_seconds=self.config.lease_seconds
+                )
+            except LeaseLost as lost:
+                self.lost = lost
+                logger.error("run %s: lease lost while the body runs: %s", self.run_id, lost)
+                return
+            except Exception as exc:  # keep beating: the store may come back
+                logger.warning("run %s: heartbeat failed: %s", self.run_id, exc)
+
+
+def _header(request: Any) -> dict[str, Any] | None:
+    headers = getattr(request, "headers", None) or {}
+    value = headers.get(HEADER) if isinstance(headers, dict) else None
+    if value is None:
+        value = getattr(request, HEADER, None)
+    return value if isinstance(value, dict) else None

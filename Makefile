@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 ## demo: run the example approval workflow end to end on the file store (no server needed)
 demo: $(STAMP)
-	$(BIN)/python examples/store_walkthrough.py
+	$(BIN)/python examples/approval.py
 
 ## test: run the whole test suite
 test: $(STAMP)

@@ -56,6 +56,7 @@ app.conf.update(
     broker_transport_options={
         "data_folder_in": str(WORKDIR / "broker"),
         "data_folder_out": str(WORKDIR / "broker"),
+        "control_folder": str(WORKDIR / "control"),
         "polling_interval": 0.1,
     },
     result_backend=f"file://{WORKDIR / 'results'}",

@@ -71,12 +71,14 @@ from .exceptions import (
 from .model import CeleryRequest, Owner, PausedWorkflow, ResumeRequest, utcnow, validate_run_id
 from .store import CheckpointStore, open_store
 
-__all__ = ["HEADER", "PAUSED", "Checkpoints", "Pause", "Run"]
+__all__ = ["HEADER", "PAUSED", "RESUMING", "Checkpoints", "Pause", "Run"]
 
 logger = logging.getLogger("celery_checkpoint")
 
 #: The Celery state of a paused run.
 PAUSED = "PAUSED"
+#: The Celery state of a run resumed after a failed attempt, until it ends again.
+RESUMING = "RESUMING"
 #: Message header that marks a resume (absent on a first execution).
 HEADER = "celery_checkpoint"
 
@@ -504,6 +506,11 @@ class Checkpoints:
         accepted = self.store.request_resume(
             run_id, stored, request_id or uuid.uuid4().hex, pause_seq=run.pause_seq
         )
+        if run.resume is not None and run.resume.status == "failed":
+            # The failed attempt left FAILURE in the result backend, a ready
+            # state get() would return at once: show the run as resuming again.
+            meta = {"run_id": run_id, "step": run.step, "request_id": accepted.request_id}
+            self.app.backend.store_result(run_id, meta, RESUMING)
         self.send(run, accepted)
         logger.info("run %s: resume %s accepted", run_id, accepted.request_id)
         return AsyncResult(run_id, app=self.app)

@@ -345,12 +345,17 @@ class FileStore(CheckpointStore):
                     f"{run.pause_seq} (step {run.step!r})",
                 )
             pending = run.resume
-            if pending is not None and pending.pause_seq == run.pause_seq:
-                if pending.request_id == request_id:
-                    return pending
-                in_flight = self._live_lease(run, self._read_lease_tolerant(run_id)) is not None
-                if pending.status == "pending" or in_flight:
-                    raise AlreadyResumed(run_id, pending.request_id)
+            if pending is not None and pending.pause_seq != run.pause_seq:
+                pending = None  # left over from an earlier pause
+            if pending is not None and pending.request_id == request_id:
+                return pending
+            # In flight with no request of this pause (a timeout or a redelivery
+            # claimed it): accepting would be lost when the holder completes.
+            live = self._live_lease(run, self._read_lease_tolerant(run_id))
+            if pending is not None and (pending.status == "pending" or live is not None):
+                raise AlreadyResumed(run_id, pending.request_id)
+            if live is not None:
+                raise AlreadyResumed(run_id, f"<none: in flight under token {live.token}>")
             request = ResumeRequest(
                 request_id=request_id, input=input, pause_seq=run.pause_seq, timed_out=timed_out
             )

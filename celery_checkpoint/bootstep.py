@@ -121,9 +121,10 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
             store = checkpoints.store
             report = recover(app)
         except CheckpointError as exc:
-            target = app.conf.get("checkpoint_store") or "the default checkpoint store"
-            logger.critical("cannot start: checkpoint store %s: %s", target, exc)
-            raise WorkerShutdown(f"checkpoint store {target}: {exc}") from exc
+            target = str(app.conf.get("checkpoint_store") or "(default directory)")
+            message = str(exc) if target in str(exc) else f"checkpoint store {target}: {exc}"
+            logger.critical("cannot start the worker: %s", message)
+            raise WorkerShutdown(message) from exc
         logger.info("checkpoint recovery on %r at boot: %s", store, report)
         self._stop.clear()
         self._thread = threading.Thread(

@@ -136,8 +136,9 @@ class CheckpointStore(abc.ABC):
 
         A run whose lease already ended by a re-pause ``save`` keeps its fresh
         paused record. With a ``token`` that is not the current lease's,
-        ``LeaseLost`` and nothing changes; without one, the run is dropped
-        whatever its lease (an operator's action).
+        ``LeaseLost`` and nothing changes. Without one, an in-flight run is
+        dropped whatever its token (an operator's action) and a run that is not
+        in flight is left as it is.
         """
 
     @abc.abstractmethod

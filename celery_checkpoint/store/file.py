@@ -383,19 +383,23 @@ class FileStore(CheckpointStore):
         with self._io("complete", run_id), self._locked(run_id):
             run = self._read_run_tolerant(run_id)
             lease = self._read_lease_tolerant(run_id)
+            live = self._live_lease(run, lease)
             if token is not None:
-                live = self._live_lease(run, lease)
                 if live is None:
                     self._check_ended_lease(run_id, run, token)
                     return  # completed already, or re-paused by this very holder
                 if live.token != token:
                     raise LeaseLost(run_id, f"token {token} is not the current lease")
+            elif live is None:
+                # Not in flight: a paused record (a fresh re-pause) stays as it is.
+                if lease is not None:
+                    self._unlink("inflight", run_id)
+                return
             # Record first, then marker: a crash in between leaves a marker with
             # no record, which recovery drops, never a record that looks paused.
             if self._unlink("paused", run_id):
                 self._drop_indexes(run_id)
-            if lease is not None or token is None:
-                self._unlink("inflight", run_id)
+            self._unlink("inflight", run_id)
 
     def _check_ended_lease(self, run_id: str, run: PausedWorkflow | None, token: int) -> None:
         """Raise LeaseLost unless ``token``'s lease ended by completing or re-pausing."""

@@ -29,6 +29,7 @@ lint: $(STAMP)
 ## bench: run the benchmarks and print the comparison tables
 bench: $(STAMP)
 	$(BIN)/python bench/store_bench.py
+	$(BIN)/python bench/redis_bench.py
 	$(BIN)/python bench/celery_bench.py
 
 clean:

@@ -201,6 +201,33 @@ class CheckpointStore(abc.ABC):
     def due_timeouts(self, now: datetime | None = None) -> builtins.list[str]:
         """Run ids of paused runs whose ``expires_at`` has passed."""
 
+    def stats(self) -> dict[str, int]:
+        """Counts for operators: ``runs`` (paused or in flight), ``paused``,
+        ``in_flight``, ``pending_resumes`` (accepted, not claimed yet) and
+        ``due_timeouts`` (deadline passed, timeout not run yet).
+
+        This default reads every record; a backend overrides it with cheap counts.
+        """
+        runs = in_flight = pending = 0
+        for info in self.list():
+            runs += 1
+            request = info.run.resume
+            if info.in_flight:
+                in_flight += 1
+            elif (
+                request is not None
+                and request.status == "pending"
+                and request.pause_seq == info.run.pause_seq
+            ):
+                pending += 1
+        return {
+            "runs": runs,
+            "paused": runs - in_flight,
+            "in_flight": in_flight,
+            "pending_resumes": pending,
+            "due_timeouts": len(self.due_timeouts()),
+        }
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections or file handles."""
 

@@ -101,6 +101,10 @@ class FileStore(CheckpointStore):
             name: self.root / name
             for name in ("paused", "inflight", "pending", "deadlines", "ended", "tmp", "locks")
         }
+        # Plain strings for the per-call joins: building Paths cost more than the
+        # system calls of a claim (see bench/store_bench.py).
+        self._dir_names = {name: os.fspath(path) for name, path in self._dirs.items()}
+        self._lock_names = [f"{self._dir_names['locks']}/{i:03d}.lock" for i in range(_STRIPES)]
         try:
             for path in self._dirs.values():
                 path.mkdir(parents=True, exist_ok=True)
@@ -125,16 +129,16 @@ class FileStore(CheckpointStore):
 
     # -- paths, locks and atomic writes --------------------------------------
 
-    def _path(self, kind: str, run_id: str) -> Path:
+    def _path(self, kind: str, run_id: str) -> str:
         suffix = ".json" if kind in ("paused", "inflight", "ended") else ""
-        return self._dirs[kind] / (run_id + suffix)
+        return f"{self._dir_names[kind]}/{run_id}{suffix}"
 
     @contextlib.contextmanager
     def _locked(self, run_id: str) -> Iterator[None]:
         """Hold the run's stripe lock: threads via a mutex, processes via flock."""
         stripe = zlib.crc32(run_id.encode()) % _STRIPES
         with self._thread_locks[stripe]:
-            fd = os.open(self._dirs["locks"] / f"{stripe:03d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self._lock_names[stripe], os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
@@ -153,7 +157,7 @@ class FileStore(CheckpointStore):
     def _sync_dir(self, kind: str) -> None:
         if not self.fsync:
             return
-        fd = os.open(self._dirs[kind], os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(self._dir_names[kind], os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:
@@ -164,7 +168,7 @@ class FileStore(CheckpointStore):
 
         On failure the temp file is removed and the old file is untouched.
         """
-        tmp = self._dirs["tmp"] / f"{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        tmp = f"{self._dir_names['tmp']}/{os.getpid()}.{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             try:
@@ -199,8 +203,8 @@ class FileStore(CheckpointStore):
 
     def _read_bytes(self, kind: str, run_id: str) -> bytes | None:
         try:
-            with open(self._path(kind, run_id), "rb") as fh:
-                return fh.read()
+            with open(self._path(kind, run_id), "rb", buffering=0) as fh:
+                return fh.readall()
         except FileNotFoundError:
             return None
 
@@ -233,7 +237,7 @@ class FileStore(CheckpointStore):
 
     def _move_aside(self, kind: str, run_id: str, exc: CorruptCheckpoint) -> None:
         src = self._path(kind, run_id)
-        dst = src.with_name(run_id + ".corrupt")
+        dst = f"{self._dir_names[kind]}/{run_id}.corrupt"
         with contextlib.suppress(FileNotFoundError):
             os.rename(src, dst)
             self._sync_dir(kind)
@@ -255,9 +259,11 @@ class FileStore(CheckpointStore):
         run_id = validate_run_id(paused.run_id)
         with self._io("save", run_id), self._locked(run_id):
             current = self._read_run_tolerant(run_id)
-            lease = self._read_lease_tolerant(run_id)
+            lease = self._read_lease_tolerant(run_id, current)
             live = self._live_lease(current, lease)
-            record = paused.model_copy(deep=True)
+            # A shallow copy: only top-level fields are set below, so the caller's
+            # object is untouched without deep-copying the user's state on every save.
+            record = paused.model_copy()
             record.lease = None
             if token is not None:
                 if live is None or live.token != token:
@@ -305,9 +311,9 @@ class FileStore(CheckpointStore):
                 return None
             if pause_seq is not None and run.pause_seq != pause_seq:
                 return None
-            if self._live_lease(run, self._read_lease_tolerant(run_id)) is not None:
+            if self._live_lease(run, self._read_lease_tolerant(run_id, run)) is not None:
                 return None
-            if self._path("ended", run_id).exists():
+            if os.path.exists(self._path("ended", run_id)):
                 return None  # a cancel was interrupted before it dropped the record
             now = utcnow()
             lease = Lease(
@@ -351,7 +357,7 @@ class FileStore(CheckpointStore):
                 return pending
             # In flight with no request of this pause (a timeout or a redelivery
             # claimed it): accepting would be lost when the holder completes.
-            live = self._live_lease(run, self._read_lease_tolerant(run_id))
+            live = self._live_lease(run, self._read_lease_tolerant(run_id, run))
             if pending is not None and (pending.status == "pending" or live is not None):
                 raise AlreadyResumed(run_id, pending.request_id)
             if live is not None:
@@ -382,7 +388,7 @@ class FileStore(CheckpointStore):
         validate_run_id(run_id)
         with self._io("complete", run_id), self._locked(run_id):
             run = self._read_run_tolerant(run_id)
-            lease = self._read_lease_tolerant(run_id)
+            lease = self._read_lease_tolerant(run_id, run)
             live = self._live_lease(run, lease)
             if token is not None:
                 if live is None:
@@ -420,7 +426,7 @@ class FileStore(CheckpointStore):
         validate_run_id(run_id)
         with self._io("release", run_id), self._locked(run_id):
             run = self._read_run("paused", run_id)
-            live = self._live_lease(run, self._read_lease_tolerant(run_id))
+            live = self._live_lease(run, self._read_lease_tolerant(run_id, run))
             if run is None or live is None or live.token != token:
                 raise LeaseLost(run_id, f"token {token} is not the current lease")
             run.last_token = token
@@ -514,7 +520,7 @@ class FileStore(CheckpointStore):
             run = self._read_run("paused", run_id)
             if run is None:
                 return None
-            live = self._live_lease(run, self._read_lease_tolerant(run_id))
+            live = self._live_lease(run, self._read_lease_tolerant(run_id, run))
             if token is not None and (live is None or live.token != token):
                 raise LeaseLost(run_id, f"token {token} is not the current lease")
             if live is not None:
@@ -548,13 +554,16 @@ class FileStore(CheckpointStore):
                 run_id = name[: -len(".json")]
                 try:
                     run = self._read_run("paused", run_id)
-                    if run is None:
-                        continue  # completed while we listed
-                    lease = self._live_lease(run, self._read_lease_tolerant(run_id))
-                except CorruptCheckpoint as exc:
+                    lease = None if run is None else self._read_lease(run_id)
+                except CorruptCheckpoint:
+                    # Under the lock, re-read: a writer may have replaced the file
+                    # meanwhile; only what is still corrupt is moved aside.
                     with self._locked(run_id):
-                        self._move_aside("paused", run_id, exc)
-                    continue
+                        run = self._read_run_tolerant(run_id)
+                        lease = None if run is None else self._read_lease_tolerant(run_id, run)
+                if run is None:
+                    continue  # completed while we listed, or corrupt and moved aside
+                lease = self._live_lease(run, lease)
                 if task is not None and run.task_name != task:
                     continue
                 if step is not None and run.step != step:
@@ -570,6 +579,27 @@ class FileStore(CheckpointStore):
                 for name in _listdir(self._dirs["paused"])
                 if name.endswith(".json") and not name.startswith(".")
             )
+
+    def stats(self) -> dict[str, int]:
+        """Counted from the directory indexes: cheap with any number of paused runs."""
+        with self._io("stats", "*"):
+            runs = self.count()
+            in_flight = 0
+            for name in _listdir(self._dirs["inflight"]):
+                if not name.endswith(".json") or name.startswith("."):
+                    continue
+                try:
+                    in_flight += self.lease(name[: -len(".json")]) is not None
+                except (CorruptCheckpoint, ValueError):
+                    continue
+            pending = sum(1 for name in _listdir(self._dirs["pending"]) if not name.startswith("."))
+            return {
+                "runs": runs,
+                "paused": runs - in_flight,
+                "in_flight": in_flight,
+                "pending_resumes": pending,
+                "due_timeouts": len(self.due_timeouts()),
+            }
 
     def due_resumes(self, older_than: float) -> builtins.list[str]:
         due: builtins.list[str] = []
@@ -588,7 +618,7 @@ class FileStore(CheckpointStore):
                         run is None
                         or run.resume is None
                         or run.resume.status != "pending"
-                        or self._live_lease(run, self._read_lease_tolerant(run_id)) is not None
+                        or self._live_lease(run, self._read_lease_tolerant(run_id, run)) is not None
                     ):
                         self._unlink("pending", run_id, sync=False)
                         continue
@@ -617,11 +647,19 @@ class FileStore(CheckpointStore):
             self._move_aside(kind, run_id, exc)
             return None
 
-    def _read_lease_tolerant(self, run_id: str) -> Lease | None:
+    def _read_lease_tolerant(self, run_id: str, run: PausedWorkflow | None) -> Lease | None:
+        """The in-flight marker; a corrupt one is moved aside and the run re-armed.
+
+        The lost holder's token is ``run.last_token + 1`` (a claim takes the next
+        one): ``run``, the caller's copy read under the run's lock, is re-armed past
+        it as recovery does, so the next claim cannot hand that token out again.
+        """
         try:
             return self._read_lease(run_id)
         except CorruptCheckpoint as exc:
             self._move_aside("inflight", run_id, exc)
+            if run is not None:
+                self._rearm(run, run.last_token + 1)
             return None
 
 

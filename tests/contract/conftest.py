@@ -1,0 +1,66 @@
+"""Backend-parametrized fixtures for the store contract suite.
+
+Every test that asks for ``store`` or ``store_factory`` runs once per backend:
+``[file]`` on a fresh directory, ``[redis]`` under a fresh key prefix in
+database 15 of ``127.0.0.1:6379``. A backend is done when this suite passes
+unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from celery_checkpoint import CheckpointStore
+from tests.conftest import require_server
+from tests.contract.helpers import REDIS_URL, StoreFactory
+
+
+def _redis_backend_built() -> bool:
+    try:
+        return importlib.util.find_spec("celery_checkpoint.store.redis") is not None
+    except ImportError:
+        return False
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("file", id="file"),
+        pytest.param("redis", id="redis", marks=pytest.mark.redis),
+    ]
+)
+def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
+    """Opens instances of one store under test; children of a test may call it too."""
+    if request.param == "file":
+        factory = StoreFactory("file", str(tmp_path / "store"))
+        yield factory
+        factory.close_all()
+        return
+
+    require_server("Redis", "127.0.0.1", 6379)
+    if not _redis_backend_built():
+        pytest.skip("redis backend not built yet")
+    import redis
+
+    prefix = f"cc-test-{uuid4().hex}"
+    factory = StoreFactory("redis", REDIS_URL, {"prefix": prefix})
+    try:
+        yield factory
+    finally:
+        factory.close_all()
+        client = redis.Redis.from_url(REDIS_URL)
+        try:
+            for key in client.scan_iter(match=prefix + "*"):
+                client.delete(key)
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def store(store_factory: StoreFactory) -> CheckpointStore:
+    """The store under test, one per backend; closed (redis: its keys deleted) afterwards."""
+    return store_factory()

@@ -1,0 +1,97 @@
+"""Helpers shared by the contract tests and the child processes they start.
+
+Everything a child process runs or unpickles lives at module top level here or
+in a test module, so both the ``fork`` and ``spawn`` start methods find it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.context
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery_checkpoint import CheckpointStore, PausedWorkflow
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+
+
+@dataclass
+class StoreFactory:
+    """Opens another instance of the store under test; picklable for child processes.
+
+    Each call is a separate client on the same data (a new ``FileStore`` on the
+    same directory, a new Redis connection under the same key prefix).
+    """
+
+    backend: str
+    target: str
+    options: dict[str, Any] = field(default_factory=dict)
+    _opened: list[CheckpointStore] = field(default_factory=list, repr=False, compare=False)
+
+    def __call__(self) -> CheckpointStore:
+        store = CheckpointStore.open(self.target, **self.options)
+        self._opened.append(store)
+        return store
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A child opens its own instances; the parent's open ones stay home.
+        return (StoreFactory, (self.backend, self.target, dict(self.options)))
+
+    @property
+    def root(self) -> Path:
+        """The store directory (file backend only)."""
+        assert self.backend == "file", "only the file backend has a directory"
+        return Path(self.target)
+
+    @property
+    def prefix(self) -> str:
+        """The key prefix (redis backend only)."""
+        assert self.backend == "redis", "only the redis backend has a key prefix"
+        return str(self.options["prefix"])
+
+    def close_all(self) -> None:
+        while self._opened:
+            self._opened.pop().close()
+
+
+def mp_context() -> multiprocessing.context.BaseContext:
+    """``fork`` where it exists (no re-import per child: fast), else ``spawn``."""
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
+
+
+def make_run(run_id: str, **fields: Any) -> PausedWorkflow:
+    """A small checkpoint with every field a test might compare filled in."""
+    values: dict[str, Any] = {
+        "task_name": "shop.ship",
+        "step": "await_approval",
+        "state": {"reserved": True, "items": [1, 2, 3]},
+        "args": [42],
+        "kwargs": {"express": False},
+        "metadata": {"tenant": "acme"},
+    }
+    values.update(fields)
+    return PausedWorkflow(run_id=run_id, **values)
+
+
+def snapshot_tree(top: Path, *, exclude: Path | None = None) -> dict[str, tuple[int, int]]:
+    """Every entry under ``top`` except the ``exclude`` subtree: path -> (size, mtime_ns).
+
+    Directories map to ``(-1, 0)``: only their existence matters.
+    """
+    found: dict[str, tuple[int, int]] = {}
+    for dirpath, dirnames, filenames in os.walk(top):
+        if exclude is not None:
+            dirnames[:] = [d for d in dirnames if Path(dirpath, d) != exclude]
+        for name in dirnames:
+            found[os.path.join(dirpath, name)] = (-1, 0)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(path)
+                found[path] = (st.st_size, st.st_mtime_ns)
+    return found

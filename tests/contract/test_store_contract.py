@@ -1,0 +1,569 @@
+"""The store contract, one process: every backend must pass this unchanged.
+
+Concurrency (many processes) is in ``test_store_concurrency.py``, run-id
+validation in ``test_run_ids.py``, and the file backend's crash, disk and
+corruption behaviour in ``test_file_faults.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from celery_checkpoint import (
+    AlreadyResumed,
+    CheckpointNotFound,
+    CheckpointStore,
+    LeaseLost,
+    Owner,
+    PausedWorkflow,
+    PauseExpired,
+    ResumeRejected,
+    RunCancelled,
+)
+from celery_checkpoint.model import ResumeRequest, utcnow
+from tests.contract.helpers import make_run
+
+# A lease that cannot expire while a test runs, and one that expires at once.
+LONG = 3600.0
+EXPIRED_AFTER = 0.2
+
+
+def claimed(store: CheckpointStore, run_id: str, **kwargs: Any) -> tuple[PausedWorkflow, int]:
+    """Claim ``run_id`` (it must win) and return the record and its token."""
+    run = store.claim(run_id, **kwargs)
+    assert run is not None, f"claim of {run_id!r} lost"
+    assert run.lease is not None, "a won claim carries its lease"
+    return run, run.lease.token
+
+
+def observe(store: CheckpointStore, run_id: str) -> tuple[Any, ...]:
+    """Everything a caller can see of one run, to prove a refused write changed nothing."""
+    return (
+        store.load(run_id),
+        store.lease(run_id),
+        store.ended(run_id),
+        store.count(),
+        sorted((i.run.run_id, i.lease) for i in store.list()),
+    )
+
+
+def expire_and_recover(store: CheckpointStore, run_id: str) -> int:
+    """Claim with a short lease, let it lapse, recover; return the lost holder's token."""
+    _, token = claimed(store, run_id, lease_seconds=EXPIRED_AFTER)
+    time.sleep(EXPIRED_AFTER + 0.15)
+    assert [r.run_id for r in store.recover_orphaned()] == [run_id]
+    return token
+
+
+# -- save / load ----------------------------------------------------------------
+
+
+def test_save_then_load_round_trips_every_field(store: CheckpointStore) -> None:
+    run = make_run(
+        "order-42",
+        pause_seq=3,
+        state={"nested": {"list": [1, "two", None, True]}, "unicode": "naïve ✓"},
+        reason="waiting for a person",
+        expects="shop.models:Approval",
+        expires_at=utcnow() + timedelta(days=2),
+        on_timeout="resume",
+    )
+    store.save(run)
+    assert store.load("order-42") == run
+
+
+def test_load_of_unknown_run_is_none(store: CheckpointStore) -> None:
+    store.save(make_run("known"))
+    assert store.load("unknown") is None
+    assert store.lease("unknown") is None
+    assert store.ended("unknown") is None
+
+
+def test_save_is_a_whole_replacement_not_a_merge(store: CheckpointStore) -> None:
+    store.save(make_run("r1", state={"a": 1, "b": 2}, metadata={"old": True}, reason="first"))
+    second = make_run("r1", state={"c": 3}, metadata={}, reason=None, step="another")
+    store.save(second)
+    assert store.load("r1") == second
+    assert store.count() == 1
+
+
+def test_save_leaves_the_callers_record_untouched(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    run, token = claimed(store, "r1")
+    repause = run.model_copy(update={"pause_seq": 2})
+    snapshot = repause.model_copy(deep=True)
+    store.save(repause, token=token)
+    assert repause == snapshot
+    assert repause.lease is not None
+
+
+def test_load_never_claims(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    store.load("r1")
+    store.load("r1")
+    assert store.lease("r1") is None
+    claimed(store, "r1")
+
+
+# -- claim --------------------------------------------------------------------
+
+
+def test_claim_returns_the_checkpoint_with_a_fresh_lease(store: CheckpointStore) -> None:
+    saved = make_run("r1")
+    store.save(saved)
+    owner = Owner(node="worker1@host", host="host-a", pid=4242)
+    run, token = claimed(store, "r1", owner=owner, lease_seconds=LONG)
+    assert run.lease is not None
+    assert token == 1
+    assert run.lease.owner == owner
+    assert run.lease.expires_at > run.lease.claimed_at
+    assert run.model_copy(update={"lease": None}) == saved
+    assert store.lease("r1") == run.lease
+    assert store.load("r1") is not None, "an in-flight run keeps its checkpoint"
+
+
+def test_second_claim_of_an_in_flight_run_is_none(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    claimed(store, "r1", lease_seconds=LONG)
+    assert store.claim("r1") is None
+    assert store.claim("r1", lease_seconds=LONG) is None
+
+
+def test_claim_of_unknown_or_completed_run_is_none(store: CheckpointStore) -> None:
+    assert store.claim("never-paused") is None
+    store.save(make_run("r1"))
+    _, token = claimed(store, "r1")
+    store.complete("r1", token=token)
+    assert store.claim("r1") is None
+
+
+def test_claim_aimed_at_a_different_pause_is_none(store: CheckpointStore) -> None:
+    store.save(make_run("r1", pause_seq=2))
+    assert store.claim("r1", pause_seq=1) is None
+    assert store.claim("r1", pause_seq=3) is None
+    assert store.lease("r1") is None
+    claimed(store, "r1", pause_seq=2)
+
+
+def test_each_claim_takes_the_next_token(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    tokens = []
+    for _ in range(3):
+        run, token = claimed(store, "r1")
+        tokens.append(token)
+        store.release("r1", token)
+    run, token = claimed(store, "r1")
+    store.save(run.model_copy(update={"pause_seq": 2, "step": "second"}), token=token)
+    tokens.append(token)
+    tokens.append(claimed(store, "r1")[1])
+    assert tokens == [1, 2, 3, 4, 5]
+
+
+# -- heartbeat and leases ------------------------------------------------------------
+
+
+def test_heartbeat_extends_the_lease_of_the_holder(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    run, token = claimed(store, "r1", lease_seconds=1)
+    assert run.lease is not None
+    extended = store.heartbeat("r1", token, lease_seconds=LONG)
+    assert extended.token == token
+    assert extended.owner == run.lease.owner
+    assert extended.expires_at > run.lease.expires_at
+    assert store.lease("r1") == extended
+
+
+def test_heartbeat_without_a_lease_raises_lease_lost(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    with pytest.raises(LeaseLost):
+        store.heartbeat("r1", 1)
+    with pytest.raises(LeaseLost):
+        store.heartbeat("unknown", 1)
+    _, token = claimed(store, "r1")
+    with pytest.raises(LeaseLost):
+        store.heartbeat("r1", token + 1)
+
+
+def test_a_live_lease_is_not_rearmed_by_recovery(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    run, token = claimed(store, "r1", lease_seconds=LONG)
+    assert store.recover_orphaned() == []
+    assert store.lease("r1") == run.lease
+    assert store.claim("r1") is None
+    store.heartbeat("r1", token)  # the holder still holds it
+
+
+def test_an_expired_lease_is_rearmed_and_the_next_claim_gets_a_higher_token(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("r1"))
+    store.request_resume("r1", {"approved": True}, "req-1")
+    lost = expire_and_recover(store, "r1")
+    assert store.lease("r1") is None
+    recovered = store.load("r1")
+    assert recovered is not None
+    assert recovered.recoveries == 1
+    assert recovered.resume is not None
+    assert recovered.resume.input == {"approved": True}
+    assert recovered.resume.status == "pending"
+    assert "r1" in store.due_resumes(0), "a recovered pending resume is due for re-sending"
+    _, token = claimed(store, "r1")
+    assert token > lost
+    assert store.recover_orphaned() == [], "a re-armed run is not recovered twice"
+
+
+@pytest.mark.parametrize("after", ["recovered", "claimed-again"])
+def test_stale_token_writes_raise_lease_lost_and_change_nothing(
+    store: CheckpointStore, after: str
+) -> None:
+    store.save(make_run("r1"))
+    store.request_resume("r1", "input", "req-1")
+    stale = expire_and_recover(store, "r1")
+    if after == "claimed-again":
+        claimed(store, "r1", lease_seconds=LONG)
+    before = observe(store, "r1")
+    with pytest.raises(LeaseLost):
+        store.complete("r1", token=stale)
+    with pytest.raises(LeaseLost):
+        store.save(make_run("r1", step="late-repause", pause_seq=2), token=stale)
+    with pytest.raises(LeaseLost):
+        store.heartbeat("r1", stale, lease_seconds=LONG)
+    with pytest.raises(LeaseLost):
+        store.release("r1", stale, error="late failure")
+    with pytest.raises(LeaseLost):
+        store.cancel("r1", token=stale)
+    assert observe(store, "r1") == before
+
+
+def test_untokened_save_of_an_in_flight_run_raises_lease_lost(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    claimed(store, "r1", lease_seconds=LONG)
+    before = observe(store, "r1")
+    with pytest.raises(LeaseLost):
+        store.save(make_run("r1", step="overwrite"))
+    assert observe(store, "r1") == before
+
+
+# -- complete and re-pause -------------------------------------------------------
+
+
+def test_complete_drops_the_run_and_is_idempotent(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    store.save(make_run("r2"))
+    _, token = claimed(store, "r1")
+    store.complete("r1", token=token)
+    store.complete("r1", token=token)
+    store.complete("r1")
+    store.complete("never-paused")
+    assert store.load("r1") is None
+    assert store.lease("r1") is None
+    assert [i.run.run_id for i in store.list()] == ["r2"]
+    assert store.count() == 1
+
+
+def test_complete_without_token_drops_any_run_and_fences_its_holder(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("r1"))
+    _, token = claimed(store, "r1", lease_seconds=LONG)
+    store.complete("r1")
+    assert store.load("r1") is None
+    assert store.count() == 0
+    with pytest.raises(LeaseLost):
+        store.heartbeat("r1", token)
+
+
+def test_complete_without_token_leaves_a_run_that_is_not_in_flight_as_it_is(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("r1"))
+    run, token = claimed(store, "r1")
+    store.save(run.model_copy(update={"lease": None, "pause_seq": 2}), token=token)
+    before = observe(store, "r1")
+    store.complete("r1")
+    assert observe(store, "r1") == before
+    _, again = claimed(store, "r1", pause_seq=2)
+    assert again == token + 1
+
+
+def test_repause_then_complete_with_the_same_token_keeps_the_fresh_paused_record(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("r1"))
+    store.request_resume("r1", {"approved": True}, "req-1")
+    run, token = claimed(store, "r1")
+    repaused = run.model_copy(
+        update={"lease": None, "resume": None, "step": "ship", "pause_seq": 2, "state": {"n": 2}}
+    )
+    store.save(repaused, token=token)
+    store.complete("r1", token=token)  # the decorator's "save with token, then complete"
+    got = store.load("r1")
+    assert got is not None
+    assert (got.step, got.pause_seq, got.state, got.resume) == ("ship", 2, {"n": 2}, None)
+    assert store.lease("r1") is None
+    assert store.count() == 1
+    _, again = claimed(store, "r1", pause_seq=2)
+    assert again > token
+
+
+def test_repause_ends_the_lease_in_the_same_step(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    run, token = claimed(store, "r1", lease_seconds=LONG)
+    store.save(run.model_copy(update={"pause_seq": 2}), token=token)
+    assert store.lease("r1") is None
+    assert store.recover_orphaned() == []
+    with pytest.raises(LeaseLost):
+        store.heartbeat("r1", token)
+    with pytest.raises(LeaseLost):
+        store.release("r1", token)
+
+
+# -- release --------------------------------------------------------------------
+
+
+def test_release_returns_the_run_to_paused_with_its_input_and_a_failed_request(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("r1"))
+    store.request_resume("r1", {"approved": True}, "req-1")
+    run, token = claimed(store, "r1")
+    store.release("r1", token, error="ValueError: boom")
+    assert store.lease("r1") is None
+    got = store.load("r1")
+    assert got is not None
+    assert got.resume is not None
+    assert (got.resume.request_id, got.resume.input) == ("req-1", {"approved": True})
+    assert (got.resume.status, got.resume.error) == ("failed", "ValueError: boom")
+    assert (got.step, got.state) == (run.step, run.state)
+    assert "r1" not in store.due_resumes(0), "a failed request is not re-sent"
+    retry, retry_token = claimed(store, "r1")  # a Celery retry of the same message
+    assert retry_token > token
+    assert retry.resume is not None
+    assert retry.resume.input == {"approved": True}
+
+
+def test_a_new_resume_may_replace_a_failed_request(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    store.request_resume("r1", 1, "req-1")
+    _, token = claimed(store, "r1")
+    store.release("r1", token, error="boom")
+    assert store.request_resume("r1", 1, "req-1").status == "failed", "same id: same request"
+    request = store.request_resume("r1", 2, "req-2")
+    assert (request.request_id, request.input, request.status) == ("req-2", 2, "pending")
+    got = store.load("r1")
+    assert got is not None
+    assert got.resume == request
+    assert store.due_resumes(0) == ["r1"]
+    with pytest.raises(AlreadyResumed):
+        store.request_resume("r1", 3, "req-3")
+
+
+# -- request_resume ------------------------------------------------------------
+
+
+def test_request_resume_twice_with_the_same_id_is_one_request(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    first = store.request_resume("r1", {"approved": True}, "req-1")
+    assert isinstance(first, ResumeRequest)
+    assert (first.request_id, first.input, first.status) == ("req-1", {"approved": True}, "pending")
+    assert store.request_resume("r1", {"approved": True}, "req-1") == first
+    got = store.load("r1")
+    assert got is not None
+    assert got.resume == first
+
+
+def test_request_resume_with_another_id_while_pending_raises_already_resumed(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("r1"))
+    first = store.request_resume("r1", "yes", "req-1")
+    before = observe(store, "r1")
+    with pytest.raises(AlreadyResumed) as caught:
+        store.request_resume("r1", "no", "req-2")
+    assert caught.value.pending_request_id == "req-1"
+    assert observe(store, "r1") == before
+    got = store.load("r1")
+    assert got is not None
+    assert got.resume == first
+
+
+def test_request_resume_of_an_in_flight_run_raises_already_resumed(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("r1"))
+    claimed(store, "r1", lease_seconds=LONG)  # e.g. a timeout or a redelivery claimed it
+    before = observe(store, "r1")
+    with pytest.raises(AlreadyResumed):
+        store.request_resume("r1", "late", "req-1")
+    assert observe(store, "r1") == before
+
+
+def test_request_resume_of_unknown_run_raises_checkpoint_not_found(
+    store: CheckpointStore,
+) -> None:
+    with pytest.raises(CheckpointNotFound):
+        store.request_resume("never-paused", None, "req-1")
+    assert store.count() == 0
+
+
+def test_request_resume_aimed_at_another_pause_is_rejected(store: CheckpointStore) -> None:
+    store.save(make_run("r1", pause_seq=2))
+    before = observe(store, "r1")
+    with pytest.raises(ResumeRejected):
+        store.request_resume("r1", "x", "req-1", pause_seq=1)
+    assert observe(store, "r1") == before
+    assert store.request_resume("r1", "x", "req-1", pause_seq=2).pause_seq == 2
+
+
+def test_request_resume_of_a_cancelled_run_raises_run_cancelled(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    store.cancel("r1")
+    with pytest.raises(RunCancelled):
+        store.request_resume("r1", None, "req-1")
+
+
+def test_request_resume_of_an_expired_run_raises_pause_expired(store: CheckpointStore) -> None:
+    store.save(make_run("r1", expires_at=utcnow() - timedelta(seconds=1)))
+    store.cancel("r1", status="expired", reason="timed out")
+    with pytest.raises(PauseExpired):
+        store.request_resume("r1", None, "req-1")
+
+
+# -- cancel / ended ---------------------------------------------------------------
+
+
+def test_cancel_fences_a_live_lease_holder(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    run, token = claimed(store, "r1", lease_seconds=LONG)
+    ended = store.cancel("r1", reason="operator said stop")
+    assert ended is not None
+    assert (ended.run_id, ended.status, ended.ended_reason) == (
+        "r1",
+        "cancelled",
+        "operator said stop",
+    )
+    assert (ended.step, ended.state) == (run.step, run.state)
+    assert store.ended("r1") == ended
+    before = observe(store, "r1")
+    with pytest.raises(LeaseLost):
+        store.complete("r1", token=token)
+    with pytest.raises(LeaseLost):
+        store.heartbeat("r1", token)
+    with pytest.raises(LeaseLost):
+        store.release("r1", token, error="too late")
+    with pytest.raises(LeaseLost):
+        store.save(run.model_copy(update={"pause_seq": 2}), token=token)
+    assert observe(store, "r1") == before
+    assert store.load("r1") is None
+    assert store.lease("r1") is None
+    assert store.claim("r1") is None
+    assert store.count() == 0
+
+
+def test_cancel_of_unknown_or_ended_run_is_none(store: CheckpointStore) -> None:
+    assert store.cancel("never-paused") is None
+    store.save(make_run("r1"))
+    assert store.cancel("r1", status="failed") is not None
+    assert store.cancel("r1") is None
+    ended = store.ended("r1")
+    assert ended is not None
+    assert ended.status == "failed", "a second cancel does not rewrite the ended record"
+
+
+def test_cancel_with_the_holders_token_only(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    _, token = claimed(store, "r1", lease_seconds=LONG)
+    before = observe(store, "r1")
+    with pytest.raises(LeaseLost):
+        store.cancel("r1", token=token + 1)
+    assert observe(store, "r1") == before
+    ended = store.cancel("r1", token=token, status="failed", reason="max recoveries")
+    assert ended is not None
+    assert ended.status == "failed"
+
+
+# -- list / count -----------------------------------------------------------------
+
+
+def _ids(infos: Any) -> list[str]:
+    return sorted(info.run.run_id for info in infos)
+
+
+def test_list_filters_by_task_step_and_age(store: CheckpointStore) -> None:
+    old = utcnow() - timedelta(hours=2)
+    store.save(make_run("a", task_name="shop.ship", step="approve", paused_at=old))
+    store.save(make_run("b", task_name="shop.ship", step="pack"))
+    store.save(make_run("c", task_name="shop.bill", step="approve", paused_at=old))
+    store.save(make_run("d", task_name="shop.bill", step="pack"))
+    assert _ids(store.list()) == ["a", "b", "c", "d"]
+    assert _ids(store.list(task="shop.ship")) == ["a", "b"]
+    assert _ids(store.list(step="approve")) == ["a", "c"]
+    assert _ids(store.list(older_than=3600)) == ["a", "c"]
+    assert _ids(store.list(task="shop.bill", step="pack")) == ["d"]
+    assert _ids(store.list(task="shop.bill", older_than=3600)) == ["c"]
+    assert _ids(store.list(task="nope")) == []
+    assert _ids(store.list(older_than=3 * 3600)) == []
+
+
+def test_list_shows_in_flight_runs_with_their_lease(store: CheckpointStore) -> None:
+    store.save(make_run("paused"))
+    store.save(make_run("running"))
+    run, _ = claimed(store, "running", lease_seconds=LONG)
+    infos = {info.run.run_id: info for info in store.list()}
+    assert set(infos) == {"paused", "running"}
+    assert infos["running"].in_flight
+    assert infos["running"].lease == run.lease
+    assert not infos["paused"].in_flight
+    assert infos["paused"].lease is None
+
+
+def test_count_counts_paused_and_in_flight_runs(store: CheckpointStore) -> None:
+    assert store.count() == 0
+    for i in range(5):
+        store.save(make_run(f"r{i}"))
+    store.save(make_run("r0", step="again"))  # an overwrite is still one run
+    _, token = claimed(store, "r1")
+    assert store.count() == 5
+    store.complete("r1", token=token)
+    store.cancel("r2")
+    assert store.count() == 3
+
+
+# -- due_resumes / due_timeouts ---------------------------------------------------
+
+
+def test_due_resumes_returns_a_pending_request_once_per_interval(store: CheckpointStore) -> None:
+    store.save(make_run("r1"))
+    store.save(make_run("idle"))
+    store.request_resume("r1", "x", "req-1")
+    assert store.due_resumes(3600) == [], "just sent: not due yet"
+    assert store.due_resumes(0) == ["r1"]
+    assert store.due_resumes(3600) == [], "marked sent by the previous call"
+    assert store.due_resumes(0) == ["r1"], "due again once older_than has passed"
+
+
+def test_due_resumes_skips_claimed_and_ended_runs(store: CheckpointStore) -> None:
+    for run_id in ("claimed", "cancelled", "completed"):
+        store.save(make_run(run_id))
+        store.request_resume(run_id, None, f"req-{run_id}")
+    claimed(store, "claimed", lease_seconds=LONG)
+    store.cancel("cancelled")
+    _, token = claimed(store, "completed")
+    store.complete("completed", token=token)
+    assert store.due_resumes(0) == []
+
+
+def test_due_timeouts_returns_runs_whose_pause_expired(store: CheckpointStore) -> None:
+    now = utcnow()
+    store.save(make_run("late", expires_at=now - timedelta(minutes=1)))
+    store.save(make_run("soon", expires_at=now + timedelta(hours=1)))
+    store.save(make_run("never"))
+    assert store.due_timeouts() == ["late"]
+    assert sorted(store.due_timeouts(now + timedelta(hours=2))) == ["late", "soon"]
+    store.save(make_run("late"))  # re-saved without a timeout
+    store.cancel("soon", status="expired")
+    assert store.due_timeouts(now + timedelta(hours=2)) == []

@@ -73,7 +73,8 @@ class CheckpointStore(abc.ABC):
         """Persist ``paused`` atomically and durably.
 
         Without ``token``: create or overwrite the run's checkpoint (a first
-        pause). With ``token``: a re-pause by the lease holder; the new record
+        pause); ``LeaseLost`` if the run is in flight. A new run under the id
+        of an ended one replaces the ended record, its tokens still growing. With ``token``: a re-pause by the lease holder; the new record
         replaces the old one and the lease ends in the same step. Raises
         ``LeaseLost`` (nothing changed) if ``token`` is stale, and
         ``StoreUnavailable`` on I/O failure (the previous checkpoint intact).
@@ -122,8 +123,8 @@ class CheckpointStore(abc.ABC):
         different one while a request is pending or the run is in flight raises
         ``AlreadyResumed``; a failed request may be replaced. Raises
         ``CheckpointNotFound`` for an unknown run, ``RunCancelled`` or
-        ``PauseExpired`` for an ended one, and ``AlreadyResumed`` when
-        ``pause_seq`` names an older pause than the current one.
+        ``PauseExpired`` for an ended one, and ``ResumeRejected`` when
+        ``pause_seq`` names another pause than the current one.
         """
 
     @abc.abstractmethod

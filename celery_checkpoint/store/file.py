@@ -238,6 +238,10 @@ class FileStore(CheckpointStore):
     def _move_aside(self, kind: str, run_id: str, exc: CorruptCheckpoint) -> None:
         src = self._path(kind, run_id)
         dst = f"{self._dir_names[kind]}/{run_id}.corrupt"
+        n = 0
+        while os.path.lexists(dst):  # never overwrite evidence of an earlier corruption
+            n += 1
+            dst = f"{self._dir_names[kind]}/{run_id}.corrupt.{n}"
         with contextlib.suppress(FileNotFoundError):
             os.rename(src, dst)
             self._sync_dir(kind)
@@ -277,7 +281,13 @@ class FileStore(CheckpointStore):
                     )
                 if current is not None:
                     record.last_token = max(record.last_token, current.last_token)
+                # A new run under the id of an ended one: its tokens go on growing.
+                ended = self._read_run_tolerant(run_id, kind="ended")
+                if ended is not None:
+                    record.last_token = max(record.last_token, ended.last_token)
             self._write("paused", run_id, record.to_json())
+            if token is None:
+                self._unlink("ended", run_id)
             self._set_deadline(record)
             if record.resume is not None and record.resume.status == "pending":
                 self._touch("pending", run_id, time.time())

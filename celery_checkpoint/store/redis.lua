@@ -86,9 +86,12 @@ if has_token then
   last = current
 else
   if current then return {'inflight', current} end
-  last = math.max(tonumber(ARGV[5]), prev)
+  -- A new run under the id of an ended one: its tokens go on growing.
+  local ended_last = tonumber(redis.call('HGET', K_ENDED_CTL, 'last_token') or '0')
+  last = math.max(tonumber(ARGV[5]), prev, ended_last)
 end
 redis.call('SET', K_RUN, ARGV[4])
+if not has_token then redis.call('DEL', K_ENDED, K_ENDED_CTL) end
 if exists then redis.call('DEL', K_CTL) end
 redis.call('HSET', K_CTL, 'last_token', last, unpack(cjson.decode(ARGV[9])))
 if has_token then redis.call('HSET', K_CTL, 'ended_by', 'repause') end

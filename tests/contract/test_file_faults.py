@@ -477,3 +477,13 @@ def test_recovery_and_count_read_no_paused_record_they_do_not_need(
     assert sorted(r.run_id for r in store.recover_orphaned()) == orphans
     assert {run_id for _, run_id in reads} <= {*orphans, live}
     assert len(reads) <= 2 * (len(orphans) + 1)
+
+
+def test_a_second_corruption_keeps_the_first_corrupt_copy(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    paused = tmp_path / "store" / "paused"
+    for garbage in (b"first garbage", b"second garbage"):
+        (paused / "twice.json").write_bytes(garbage)
+        assert list(store.list()) == []
+    kept = sorted(p.read_bytes() for p in paused.iterdir() if ".corrupt" in p.name)
+    assert kept == [b"first garbage", b"second garbage"]

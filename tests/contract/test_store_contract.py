@@ -567,3 +567,19 @@ def test_due_timeouts_returns_runs_whose_pause_expired(store: CheckpointStore) -
     store.save(make_run("late"))  # re-saved without a timeout
     store.cancel("soon", status="expired")
     assert store.due_timeouts(now + timedelta(hours=2)) == []
+
+
+def test_a_new_run_under_an_ended_id_is_claimable_with_growing_tokens(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("reused"))
+    _, old_token = claimed(store, "reused", lease_seconds=LONG)
+    store.cancel("reused", reason="gone")
+    store.save(make_run("reused", step="again"))
+    assert store.ended("reused") is None
+    run, new_token = claimed(store, "reused", lease_seconds=LONG)
+    assert run.step == "again"
+    assert new_token > old_token
+    with pytest.raises(LeaseLost):
+        store.complete("reused", token=old_token)
+    assert store.lease("reused") is not None

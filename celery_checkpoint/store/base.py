@@ -74,8 +74,9 @@ class CheckpointStore(abc.ABC):
 
         Without ``token``: create or overwrite the run's checkpoint (a first
         pause); ``LeaseLost`` if the run is in flight. A new run under the id
-        of an ended one replaces the ended record, its tokens still growing. With ``token``: a re-pause by the lease holder; the new record
-        replaces the old one and the lease ends in the same step. Raises
+        of an ended one replaces the ended record, its tokens still growing.
+        With ``token``: a re-pause by the lease holder; the new record replaces
+        the old one and the lease ends in the same step. Raises
         ``LeaseLost`` (nothing changed) if ``token`` is stale, and
         ``StoreUnavailable`` on I/O failure (the previous checkpoint intact).
         """

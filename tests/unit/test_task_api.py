@@ -166,10 +166,11 @@ def test_pausing_twice_in_one_run_resumes_twice(harness: Harness) -> None:
     harness.wait_state(result, "PAUSED")
     harness.checkpoints.resume(result.id, "a")
     deadline = time.monotonic() + 20
-    while (run := harness.checkpoints.store.load(result.id)) is None or run.pause_seq != 2:
-        assert time.monotonic() < deadline
+    while result.state != "PAUSED" or result.info["step"] != "second":
+        assert time.monotonic() < deadline, (result.state, result.info)
         time.sleep(0.05)
-    assert result.state == "PAUSED" and result.info["step"] == "second"
+    run = harness.checkpoints.store.load(result.id)
+    assert run is not None and run.pause_seq == 2
     with pytest.raises(ResumeRejected):
         harness.checkpoints.resume(result.id, "stale", pause_seq=1)
     harness.checkpoints.resume(result.id, "b", pause_seq=2)

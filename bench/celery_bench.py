@@ -1,0 +1,311 @@
+"""Checkpointed runs next to plain Celery tasks, through one real worker.
+
+Run it with ``.venv/bin/python bench/celery_bench.py [--runs N] [--store file|redis|TARGET]``
+(``make bench``). It needs Redis on ``127.0.0.1:6379`` (``--broker``/``--backend``
+to change): the broker and the result backend, in database 15, under a fresh key
+prefix and queue that are deleted afterwards. It starts one ``celery worker``
+(prefork, ``-c 2`` by default, log level WARNING) on this module and measures,
+in the same run and against the same worker:
+
+* **checkpoint**: ``N`` runs of ``bench.step``, each start -> ``Pause`` -> ``resume``
+  -> done. A run is two task executions (the first pauses, the resumed one
+  returns) plus one ``checkpoints.resume`` call in this process.
+* **plain**: ``2N`` executions of ``bench.plain``, a task with the same trivial
+  body, so both sides do the same number of task round trips.
+
+The ratio is ``plain elapsed / checkpoint elapsed`` for those equal work units
+(2N task executions each): 1.0 means checkpointing costs nothing, 0.5 that the
+same work takes twice as long. Target: >= 0.7 in the throughput mode.
+
+Two modes, each measured ``--rounds`` times alternating plain and checkpoint
+(the median is reported, so a drift in machine speed hits both):
+
+* **throughput**: everything in flight at once. Plain: send 2N, wait for all
+  results. Checkpoint: send N; resume each run as soon as it is seen PAUSED
+  (one ``MGET`` of the pending result keys every 2 ms: a paused run has no
+  completion event to wait on); wait for all results.
+* **latency**: one at a time, ``--serial`` round trips. Plain: two sequential
+  ``delay().get()``. Checkpoint: ``delay()``, wait for PAUSED (polling the
+  result key every 1 ms), ``resume()``, ``get()``.
+
+The default store is the file store in a temporary directory with fsync on
+(the durable default); ``--store redis`` uses the Redis store under the run's
+key prefix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from celery_checkpoint import Checkpoints, Pause
+
+HERE = Path(__file__).resolve().parent
+ENV = "CELERY_BENCH_"
+
+
+def make_app(broker: str, backend: str, store: str, queue: str, prefix: str) -> Celery:
+    app = Celery("celery_bench")
+    broker_options = {"global_keyprefix": f"{prefix}:broker:"} if broker.startswith("redis") else {}
+    app.conf.update(
+        broker_url=broker,
+        result_backend=backend,
+        broker_transport_options=broker_options,
+        result_backend_transport_options={"global_keyprefix": f"{prefix}:results:"},
+        result_expires=3600,
+        task_default_queue=queue,
+        broker_connection_retry_on_startup=True,
+        checkpoint_store=store,
+        worker_hijack_root_logger=True,
+    )
+    checkpoints = Checkpoints(app)
+
+    @app.task(shared=False, name="bench.plain")
+    def plain(i: int) -> int:
+        return i + 1
+
+    @checkpoints.task(bind=True, shared=False, name="bench.step")
+    def step(self: Any, i: int) -> int:
+        run = checkpoints.current()
+        if not run.resumed:
+            raise Pause("await_go", state={"i": i})
+        return i + int(run.resume_input)
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    # ``celery -A celery_bench`` looks up ``app``: build it from the environment then.
+    if name == "app":
+        env = os.environ
+        app = make_app(
+            env[ENV + "BROKER"],
+            env[ENV + "BACKEND"],
+            env[ENV + "STORE"],
+            env[ENV + "QUEUE"],
+            env[ENV + "PREFIX"],
+        )
+        globals()["app"] = app
+        return app
+    raise AttributeError(name)
+
+
+class Bench:
+    def __init__(self, app: Celery) -> None:
+        self.app = app
+        self.checkpoints = Checkpoints.for_app(app)
+        self.plain = app.tasks["bench.plain"]
+        self.step = app.tasks["bench.step"]
+        self.backend: Any = app.backend
+        self.redis: Any = self.backend.client
+
+    def _states(self, ids: list[str]) -> list[str | None]:
+        keys = [self.backend.get_key_for_task(task_id) for task_id in ids]
+        states: list[str | None] = []
+        for raw in self.redis.mget(keys):
+            states.append(None if raw is None else json.loads(raw)["status"])
+        return states
+
+    # -- throughput ---------------------------------------------------------
+
+    def plain_batch(self, n: int) -> float:
+        began = time.perf_counter()
+        results = [self.plain.delay(i) for i in range(2 * n)]
+        for result in results:
+            result.get(timeout=300)
+        return time.perf_counter() - began
+
+    def checkpoint_batch(self, n: int) -> float:
+        began = time.perf_counter()
+        results = [self.step.delay(i) for i in range(n)]
+        waiting = [result.id for result in results]
+        deadline = time.monotonic() + 300
+        while waiting:
+            still = []
+            for task_id, state in zip(waiting, self._states(waiting), strict=True):
+                if state == "PAUSED":
+                    self.checkpoints.resume(task_id, 1)
+                else:
+                    still.append(task_id)
+            waiting = still
+            if waiting:
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"{len(waiting)} runs never paused")
+                time.sleep(0.002)
+        for result in results:
+            result.get(timeout=300)
+        return time.perf_counter() - began
+
+    # -- latency ------------------------------------------------------------
+
+    def plain_serial(self, n: int) -> float:
+        began = time.perf_counter()
+        for i in range(n):
+            self.plain.delay(i).get(timeout=60)
+            self.plain.delay(i).get(timeout=60)
+        return time.perf_counter() - began
+
+    def checkpoint_serial(self, n: int) -> float:
+        began = time.perf_counter()
+        for i in range(n):
+            result = self.step.delay(i)
+            deadline = time.monotonic() + 60
+            while self._states([result.id])[0] != "PAUSED":
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"run {result.id} never paused")
+                time.sleep(0.001)
+            self.checkpoints.resume(result.id, 1)
+            result.get(timeout=60)
+        return time.perf_counter() - began
+
+
+def start_worker(env: dict[str, str], concurrency: int, log: Path) -> subprocess.Popen[bytes]:
+    command = [
+        *(sys.executable, "-m", "celery", "-A", "celery_bench", "worker"),
+        *("--pool=prefork", "-c", str(concurrency), "-n", f"bench-{uuid.uuid4().hex[:8]}@%h"),
+        *("-Q", env[ENV + "QUEUE"], "--loglevel=WARNING"),
+        *("--without-mingle", "--without-gossip", "--without-heartbeat"),
+    ]
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            command, cwd=HERE, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    worker.terminate()
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+
+def delete_prefix(url: str, prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def measure(pairs: list[tuple[Callable[[], float], Callable[[], float]]], rounds: int) -> Any:
+    """Alternate the two sides of each pair ``rounds`` times; medians per side."""
+    samples: list[tuple[list[float], list[float]]] = [([], []) for _ in pairs]
+    for _ in range(rounds):
+        for (plain, checkpoint), (plain_times, checkpoint_times) in zip(
+            pairs, samples, strict=True
+        ):
+            plain_times.append(plain())
+            checkpoint_times.append(checkpoint())
+    return [(statistics.median(p), statistics.median(c)) for p, c in samples]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--runs", type=int, default=200, help="checkpoint runs per round (N)")
+    parser.add_argument("--serial", type=int, default=50, help="runs in the latency mode")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--broker", default="redis://127.0.0.1:6379/15")
+    parser.add_argument("--backend", default="redis://127.0.0.1:6379/15")
+    parser.add_argument(
+        "--store", default="file", help="file (a temp directory), redis, or a store target"
+    )
+    args = parser.parse_args(argv)
+
+    prefix = f"cc-bench-{uuid.uuid4().hex[:12]}"
+    workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
+    if args.store == "file":
+        store, store_label = str(workdir / "store"), "file store (fsync on)"
+    elif args.store == "redis":
+        store, store_label = f"{args.backend}?prefix={prefix}:store:", "Redis store"
+    else:
+        store, store_label = args.store, args.store
+    env = dict(os.environ)
+    env.update(
+        {
+            ENV + "BROKER": args.broker,
+            ENV + "BACKEND": args.backend,
+            ENV + "STORE": store,
+            ENV + "QUEUE": prefix,
+            ENV + "PREFIX": prefix,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), env.get("PYTHONPATH")])),
+        }
+    )
+    app = make_app(args.broker, args.backend, store, prefix, prefix)
+    worker = start_worker(env, args.concurrency, workdir / "worker.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(timeout=0.5):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(
+                    "the worker did not start:\n" + (workdir / "worker.log").read_text()
+                )
+        bench = Bench(app)
+        bench.plain_batch(20)  # warm up: pool processes, connections, imports
+        bench.checkpoint_batch(10)
+        (batch_plain, batch_ckpt), (serial_plain, serial_ckpt) = measure(
+            [
+                (lambda: bench.plain_batch(args.runs), lambda: bench.checkpoint_batch(args.runs)),
+                (
+                    lambda: bench.plain_serial(args.serial),
+                    lambda: bench.checkpoint_serial(args.serial),
+                ),
+            ],
+            args.rounds,
+        )
+        leftover = Checkpoints.for_app(app).store.count()
+    finally:
+        stop_worker(worker)
+        Checkpoints.for_app(app).store.close()
+        app.close()
+        delete_prefix(args.backend, prefix)
+        if args.broker != args.backend and args.broker.startswith("redis"):
+            delete_prefix(args.broker, prefix)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(
+        f"\nCelery round trips: {platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, worker prefork -c {args.concurrency}, Redis broker and "
+        f"results, {store_label}; median of {args.rounds} rounds\n"
+    )
+    print("| mode | work | plain (2N tasks) | checkpoint (N runs) | ratio plain/checkpoint |")
+    print("|---|---|---:|---:|---:|")
+
+    def row(mode: str, n: int, plain: float, ckpt: float) -> None:
+        print(
+            f"| {mode} | N={n}: {2 * n} executions | {plain:.2f} s ({2 * n / plain:,.0f} tasks/s) "
+            f"| {ckpt:.2f} s ({n / ckpt:,.0f} runs/s) | {plain / ckpt:.2f} |"
+        )
+
+    row("throughput", args.runs, batch_plain, batch_ckpt)
+    row("latency (one at a time)", args.serial, serial_plain, serial_ckpt)
+    ratio = batch_plain / batch_ckpt
+    verdict = "meets" if ratio >= 0.7 else "misses"
+    print(f"\nthroughput ratio {ratio:.2f} {verdict} the target (>= 0.7)")
+    print(f"paused or in-flight runs left in the store: {leftover}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,6 +35,8 @@ import click
 from celery import Celery, bootsteps
 from celery.exceptions import WorkerShutdown
 
+from . import signals
+from ._events import announce, log_event
 from .exceptions import CheckpointError
 
 __all__ = ["CheckpointRecovery", "RecoveryReport", "install", "recover"]
@@ -77,20 +79,40 @@ def recover(app: Celery) -> RecoveryReport:
                 app.backend.store_result(
                     run.run_id, CheckpointError(f"run {run.run_id!r} {reason}"), states.FAILURE
                 )
-                logger.error("run %s marked failed: %s", run.run_id, reason)
+                log_event(
+                    "failed",
+                    logging.ERROR,
+                    run_id=run.run_id,
+                    task=run.task_name,
+                    step=run.step,
+                    pause_seq=run.pause_seq,
+                    recoveries=run.recoveries,
+                    reason=reason,
+                )
                 failed += 1
+                continue
+        announce(
+            "recovered",
+            signals.checkpoint_recovered,
+            app,
+            run,
+            log={"recoveries": run.recoveries},
+        )
     resent = 0
     for run_id in store.due_resumes(config.resend_after):
         waiting = store.load(run_id)
         if waiting is not None and waiting.resume is not None:
-            checkpoints.send(waiting, waiting.resume)
+            kind = "timeout" if waiting.resume.timed_out else "resume"
+            checkpoints.send(waiting, waiting.resume, kind=kind)
             resent += 1
     timeouts = 0
     for run_id in store.due_timeouts():
-        expiring = store.load(run_id)
-        if expiring is not None and store.lease(run_id) is None:
-            checkpoints.send(expiring, None, kind="timeout")
-            timeouts += 1
+        # Through the same compare-and-set and claim as every resume: a lost
+        # timer message, or a deadline that passed while no worker ran.
+        try:
+            timeouts += checkpoints._fire_timeout(run_id)
+        except Exception as exc:  # one run's trouble must not stop the pass
+            logger.warning("run %s: could not fire its timeout: %s", run_id, exc)
     return RecoveryReport(len(rearmed), resent, failed, timeouts)
 
 
@@ -142,6 +164,11 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
             self._thread = None
 
     def shutdown(self, parent: Any) -> None:
+        self.stop(parent)
+
+    def terminate(self, parent: Any) -> None:
+        # A cold shutdown calls terminate, not stop (and the embedded test
+        # worker always stops that way): without this the thread outlives it.
         self.stop(parent)
 
     def _loop(self, app: Celery, interval: float) -> None:

@@ -37,6 +37,34 @@ number of deliveries wins; the others are acknowledged and do nothing),
 heartbeats the lease while the body runs, then completes the run (the body
 returned), saves it again (another ``Pause``) or releases it (an exception:
 the run returns to PAUSED and Celery's own failure and retry handling runs).
+
+Timeouts. ``Pause(..., timeout=timedelta(days=2), on_timeout="expire")`` ends
+a pause nobody answered. At pause time a small timer message
+(``celery_checkpoint.timeout``) is sent with ``eta`` at the deadline, and every
+worker's recovery pass also fires due deadlines (an ``eta`` message is not
+durable on every broker). Firing a timeout is a resume request like a
+person's, recorded by the same compare-and-set and run through the same claim,
+so of a person's resume and the timeout exactly one happens: a resume accepted
+before the timeout fired wins; a resume after it is refused
+(``PauseExpired`` with ``"expire"``, ``AlreadyResumed`` with ``"resume"``).
+``"expire"`` ends the run with Celery state FAILURE carrying ``PauseExpired``
+(the chain's error callbacks run); ``"resume"`` runs the body with
+``run.timed_out`` true and no input. A timer for a run that was resumed,
+completed, cancelled or paused again meanwhile does nothing, and never touches
+the run's result.
+
+Cancelling. ``checkpoints.cancel(run_id, reason)`` ends the run for good in
+the store and sets its Celery state to REVOKED (no error callbacks, as with
+Celery's own revoke). A cancelled run is never resumed, timed out or
+recovered, and ``resume()`` raises ``RunCancelled``. A run that is in flight
+is *fenced*, not waited for: cancel returns at once, the body keeps running to
+its end (Celery cannot stop arbitrary code safely), but its lease is gone, so
+whatever it does next (return, fail, pause again) is dropped with a logged
+error and the state stays REVOKED. Side effects the body makes after the
+cancel are the body's to guard against (check your own data, or keep the
+work after the pause point idempotent).
+
+Signals and log lines for every transition: see :mod:`celery_checkpoint.signals`.
 """
 
 from __future__ import annotations
@@ -59,8 +87,12 @@ from celery.exceptions import Ignore
 from celery.result import AsyncResult
 from pydantic import JsonValue, TypeAdapter, ValidationError
 
+from . import signals
+from ._events import announce, log_event
 from .config import CheckpointConfig
 from .exceptions import (
+    AlreadyResumed,
+    CheckpointError,
     CheckpointNotFound,
     ImproperlyConfigured,
     LeaseLost,
@@ -81,6 +113,8 @@ PAUSED = "PAUSED"
 RESUMING = "RESUMING"
 #: Message header that marks a resume (absent on a first execution).
 HEADER = "celery_checkpoint"
+#: Name of the internal task that fires a pause's timeout at its deadline.
+TIMER_TASK = "celery_checkpoint.timeout"
 
 _REGISTRY: weakref.WeakKeyDictionary[Celery, Checkpoints] = weakref.WeakKeyDictionary()
 _CURRENT: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
@@ -158,6 +192,11 @@ def type_path(expects: Any) -> str:
     return f"{module}:{qualname}"
 
 
+#: Built once: building a TypeAdapter takes about a millisecond, and every resume
+#: without ``expects`` (client and worker side) validates its input with it.
+_JSON: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
+
+
 @functools.lru_cache(maxsize=256)
 def _adapter(path: str) -> TypeAdapter[Any]:
     module_name, _, qualname = path.partition(":")
@@ -177,7 +216,7 @@ def _validate_input(run: PausedWorkflow, value: Any) -> tuple[Any, JsonValue]:
     """Validate ``value`` against the pause's ``expects``: (python value, its JSON form)."""
     if run.expects is None:
         try:
-            return value, TypeAdapter(JsonValue).validate_python(value)
+            return value, _JSON.validate_python(value)
         except ValidationError as exc:
             raise ResumeRejected(run.run_id, "the input is not JSON", exc.errors()) from exc
     adapter = _adapter(run.expects)
@@ -218,6 +257,7 @@ class Checkpoints:
         self._lock = threading.Lock()
         _REGISTRY[app] = self
         install(app)
+        _register_timer(app)
 
     @classmethod
     def for_app(cls, app: Celery) -> Checkpoints:
@@ -258,7 +298,14 @@ class Checkpoints:
         """Like ``app.task``, wrapping the body so it can ``raise Pause(...)``."""
 
         def decorate(fun: Callable[..., Any]) -> Any:
-            return self.app.task(**options)(self._wrap(fun, bind=bool(options.get("bind"))))
+            opts = dict(options)
+            base = opts.get("base")
+            # An expired pause is an expected outcome, not a crash: log it without a
+            # traceback, and never let autoretry_for=(Exception,) retry it.
+            for name in ("throws", "dont_autoretry_for"):
+                inherited = opts.get(name, getattr(base, name, ()) if base is not None else ())
+                opts[name] = (*_as_tuple(inherited), PauseExpired)
+            return self.app.task(**opts)(self._wrap(fun, bind=bool(opts.get("bind"))))
 
         if len(args) == 1 and callable(args[0]) and not options:
             return decorate(args[0])
@@ -333,13 +380,8 @@ class Checkpoints:
         pause_seq = header.get("pause_seq")
         config = self.config
         owner = Owner.current(node=getattr(task.request, "hostname", None))
-        run = self.store.claim(
-            run_id,
-            owner=owner,
-            lease_seconds=config.lease_seconds,
-            pause_seq=pause_seq if isinstance(pause_seq, int) else None,
-        )
-        if run is None or run.lease is None:
+        claim = self._claim(run_id, pause_seq if isinstance(pause_seq, int) else None, owner)
+        if claim is None:
             logger.info(
                 "run %s: message for pause %s not claimed (a duplicate delivery, a second "
                 "resume, or the run is in flight, ended or at another pause): acknowledged, "
@@ -348,13 +390,10 @@ class Checkpoints:
                 pause_seq,
             )
             raise Ignore()
-        lease_token = run.lease.token
-        if header.get("kind") == "timeout" and run.on_timeout == "expire":
-            self.store.cancel(run_id, reason="pause timed out", status="expired", token=lease_token)
-            logger.info("run %s: pause %r expired", run_id, run.step)
-            raise PauseExpired(f"run {run_id!r} expired while paused at step {run.step!r}")
-        request = run.resume
-        timed_out = header.get("kind") == "timeout"
+        if claim.expires:
+            self._expire(task, claim)
+        run, request, lease_token = claim.run, claim.request, claim.token
+        timed_out = claim.timed_out
         try:
             resume_input = None
             if request is not None and not timed_out:
@@ -373,7 +412,20 @@ class Checkpoints:
             request_id=None if request is None else request.request_id,
             token=lease_token,
         )
-        logger.info("run %s: resumed at step %r (token %d)", run_id, run.step, lease_token)
+        announce(
+            "resumed",
+            signals.checkpoint_resumed,
+            task,
+            run,
+            log={
+                "token": lease_token,
+                "request_id": current.request_id,
+                "timed_out": timed_out,
+                "owner": run.lease.owner.node if run.lease is not None else None,
+            },
+            timed_out=timed_out,
+            request_id=current.request_id,
+        )
         context = _CURRENT.set(current)
         try:
             with _Heartbeat(self.store, run_id, lease_token, config) as heartbeat:
@@ -384,31 +436,95 @@ class Checkpoints:
                     self._pause(task, pause, previous=run, token=lease_token)
                 except BaseException as exc:
                     heartbeat.stop()
-                    self._release(run_id, lease_token, exc)
+                    if not self._release(run_id, lease_token, exc):
+                        # Cancelled or taken over meanwhile: storing this failure
+                        # would overwrite the state of whoever owns the run now.
+                        raise Ignore() from exc
                     raise
-            self._complete(run_id, lease_token)
+            self._complete(task, run, lease_token, result)
             return result
         finally:
             _CURRENT.reset(context)
 
-    def _release(self, run_id: str, token: int, exc: BaseException) -> None:
+    def _claim(self, run_id: str, pause_seq: int | None, owner: Owner) -> _Claim | None:
+        """Claim the run for one resume message; None when another delivery owns it.
+
+        What runs is read from the claimed record, not from the message: the
+        pending request's input, or, for a timed-out request, the pause's
+        ``on_timeout``.
+        """
+        run = self.store.claim(
+            run_id, owner=owner, lease_seconds=self.config.lease_seconds, pause_seq=pause_seq
+        )
+        if run is None or run.lease is None:
+            return None
+        request = run.resume
+        if request is not None and request.pause_seq != run.pause_seq:
+            request = None
+        return _Claim(run, run.lease.token, request, request is not None and request.timed_out)
+
+    def _expire(self, sender: Any, claim: _Claim) -> None:
+        """End a claimed run whose pause timed out with ``on_timeout="expire"``; always raises.
+
+        ``PauseExpired`` reaches Celery, which stores FAILURE and runs the
+        error callbacks; ``Ignore`` if the run was cancelled meanwhile.
+        """
+        run = claim.run
+        try:
+            ended = self.store.cancel(
+                run.run_id, reason="pause timed out", status="expired", token=claim.token
+            )
+        except LeaseLost as lost:
+            logger.error("run %s: expiry dropped, the run moved on: %s", run.run_id, lost)
+            raise Ignore() from lost
+        expired = ended if ended is not None else run
+        announce(
+            "expired",
+            signals.checkpoint_expired,
+            sender,
+            expired,
+            level=logging.WARNING,
+            log={"expires_at": run.expires_at},
+        )
+        raise PauseExpired(
+            f"run {run.run_id!r} expired: nobody resumed it at step {run.step!r} before "
+            f"{run.expires_at.isoformat() if run.expires_at else 'its deadline'}"
+        )
+
+    def _release(self, run_id: str, token: int, exc: BaseException) -> bool:
+        """Give the run back after the body raised; False if the lease was lost."""
         try:
             self.store.release(run_id, token, error=f"{type(exc).__name__}: {exc}")
         except LeaseLost as lost:
-            logger.error("run %s: body failed after its lease was lost: %s", run_id, lost)
-        else:
-            logger.info("run %s: body raised %r; run released back to PAUSED", run_id, exc)
-
-    def _complete(self, run_id: str, token: int) -> None:
-        try:
-            self.store.complete(run_id, token=token)
-        except LeaseLost as lost:
-            # Another worker owns the run now: storing this result would race it.
             logger.error(
-                "run %s: finished after its lease was lost, result dropped: %s", run_id, lost
+                "run %s: body raised %r after its lease was lost (cancelled or recovered "
+                "elsewhere), failure dropped: %s",
+                run_id,
+                exc,
+                lost,
+            )
+            return False
+        logger.info("run %s: body raised %r; run released back to PAUSED", run_id, exc)
+        return True
+
+    def _complete(self, task: Any, run: PausedWorkflow, token: int, result: Any) -> None:
+        try:
+            self.store.complete(run.run_id, token=token)
+        except LeaseLost as lost:
+            # Cancelled, or another worker owns the run now: storing this result
+            # would overwrite REVOKED or race the new owner.
+            logger.error(
+                "run %s: finished after its lease was lost, result dropped: %s", run.run_id, lost
             )
             raise Ignore() from lost
-        logger.info("run %s: completed", run_id)
+        announce(
+            "completed",
+            signals.checkpoint_completed,
+            task,
+            run,
+            log={"token": token},
+            result=result,
+        )
 
     def _pause(
         self, task: Any, pause: Pause, *, previous: PausedWorkflow | None, token: int | None
@@ -465,8 +581,118 @@ class Checkpoints:
             "expires_at": None if record.expires_at is None else record.expires_at.isoformat(),
         }
         task.update_state(state=PAUSED, meta=meta)
-        logger.info("run %s: paused at step %r (pause %d)", run_id, pause.step, record.pause_seq)
-        raise Ignore()
+        announce(
+            "paused",
+            signals.checkpoint_paused,
+            task,
+            record,
+            log={
+                "expires_at": record.expires_at,
+                "on_timeout": record.on_timeout if record.expires_at is not None else None,
+                "reason": pause.reason,
+            },
+            reason=pause.reason,
+            expires_at=record.expires_at,
+        )
+        if record.expires_at is not None:
+            # Only now that PAUSED is stored: with a short timeout the expiry's
+            # FAILURE could otherwise land first and be overwritten by PAUSED.
+            self._send_timer(record)
+        # ``from None``: the Pause is control flow, not the cause of an error, and
+        # Celery formats the whole exception chain of every Ignore it handles.
+        raise Ignore() from None
+
+    # -- timeouts --------------------------------------------------------------
+
+    def _send_timer(self, run: PausedWorkflow) -> None:
+        """Send the timer message that fires ``run``'s timeout at its deadline.
+
+        A separate task, not the run's own message: a stale timer (the run was
+        resumed, completed or paused again meanwhile) then never shows up under
+        the run's task id (no STARTED over its result, no duplicate it must
+        ignore). It goes to the run's queue. Losing it is fine: every worker's
+        recovery pass fires due deadlines too.
+        """
+        assert run.expires_at is not None
+        options = run.request.signature.get("options") or {}
+        routing = {
+            key: options[key]
+            for key in ("queue", "exchange", "routing_key", "priority")
+            if options.get(key) not in (None, "")
+        }
+        try:
+            self.app.send_task(
+                TIMER_TASK,
+                args=(run.run_id, run.pause_seq),
+                eta=run.expires_at,
+                ignore_result=True,
+                add_to_parent=False,
+                **routing,
+            )
+        except Exception as exc:
+            logger.warning(
+                "run %s: could not send the timeout timer (%s); the recovery pass fires the "
+                "timeout once it is due",
+                run.run_id,
+                exc,
+            )
+
+    def _fire_timeout(self, run_id: str, pause_seq: int | None = None) -> bool:
+        """Fire the pause's timeout if it is due; True if this call fired it.
+
+        Firing records a timed-out resume request with the same compare-and-set
+        as a person's resume, then sends the run's message, which claims like
+        every resume. Nothing happens (False) when the run is gone, at another
+        pause than ``pause_seq``, not due yet, in flight, already answered by a
+        resume request, or already timed out.
+        """
+        run = self.store.load(run_id)
+        if run is None or run.expires_at is None:
+            return False
+        if pause_seq is not None and run.pause_seq != pause_seq:
+            return False
+        if run.expires_at > utcnow():
+            return False
+        pending = run.resume
+        if (
+            pending is not None
+            and pending.pause_seq == run.pause_seq
+            and (pending.timed_out or pending.status == "pending")
+        ):
+            # Fired already, or a person's resume is on its way (the recovery
+            # pass re-sends a pending request whose message is lost).
+            return False
+        # One request id per pause: a second firer gets the recorded request
+        # back instead of replacing it (even once it failed). The marker tells
+        # this caller whether it recorded it, so exactly one firer sends.
+        marker: dict[str, JsonValue] = {"fired_by": f"{Owner.current().node}:{uuid.uuid4().hex}"}
+        try:
+            request = self.store.request_resume(
+                run_id,
+                marker,
+                f"timeout-{run.pause_seq}",
+                pause_seq=run.pause_seq,
+                timed_out=True,
+            )
+        except (AlreadyResumed, ResumeRejected, CheckpointNotFound, RunCancelled, PauseExpired):
+            return False  # a resume won the compare-and-set, or the run moved on
+        if not request.timed_out or request.input != marker:
+            return False  # another firer recorded it
+        log_event(
+            "timed_out",
+            run_id=run_id,
+            task=run.task_name,
+            step=run.step,
+            pause_seq=run.pause_seq,
+            on_timeout=run.on_timeout,
+            expires_at=run.expires_at,
+        )
+        if pending is not None and pending.pause_seq == run.pause_seq:
+            # A failed attempt left FAILURE, a ready state: show the run as resuming.
+            meta = {"run_id": run_id, "step": run.step, "request_id": request.request_id}
+            self.app.backend.store_result(run_id, meta, RESUMING)
+        self.send(run, request, kind="timeout")
+        return True
 
     # -- resuming --------------------------------------------------------------
 
@@ -487,6 +713,11 @@ class Checkpoints:
         ``CheckpointNotFound``, cancelled ones ``RunCancelled``, expired ones
         ``PauseExpired``; ``pause_seq`` guards against resuming a later pause
         than the one the caller saw.
+
+        Past the deadline of a pause with ``on_timeout="expire"`` the resume is
+        refused with ``PauseExpired`` (and the timeout is fired now if no worker
+        has yet). Once the timeout has fired, a resume raises ``PauseExpired``
+        (``"expire"``) or ``AlreadyResumed`` (``"resume"``).
         """
         run_id = validate_run_id(run_id)
         run = self.store.load(run_id)
@@ -502,18 +733,63 @@ class Checkpoints:
                 run_id,
                 f"the resume aims at pause {pause_seq} but the run is at pause {run.pause_seq}",
             )
+        request_id = request_id or uuid.uuid4().hex
+        self._check_deadline(run, request_id)
         _, stored = _validate_input(run, input)
-        accepted = self.store.request_resume(
-            run_id, stored, request_id or uuid.uuid4().hex, pause_seq=run.pause_seq
-        )
+        try:
+            accepted = self.store.request_resume(
+                run_id, stored, request_id, pause_seq=run.pause_seq
+            )
+        except AlreadyResumed as exc:
+            raise self._explain_refusal(run_id, exc) from exc
         if run.resume is not None and run.resume.status == "failed":
             # The failed attempt left FAILURE in the result backend, a ready
             # state get() would return at once: show the run as resuming again.
             meta = {"run_id": run_id, "step": run.step, "request_id": accepted.request_id}
             self.app.backend.store_result(run_id, meta, RESUMING)
         self.send(run, accepted)
-        logger.info("run %s: resume %s accepted", run_id, accepted.request_id)
+        log_event(
+            "resume_requested",
+            run_id=run_id,
+            task=run.task_name,
+            step=run.step,
+            pause_seq=run.pause_seq,
+            request_id=accepted.request_id,
+        )
         return AsyncResult(run_id, app=self.app)
+
+    def _check_deadline(self, run: PausedWorkflow, request_id: str) -> None:
+        """Refuse a resume of an expiring pause whose deadline has passed."""
+        if run.on_timeout != "expire" or run.expires_at is None or run.expires_at > utcnow():
+            return
+        pending = run.resume
+        if (
+            pending is not None
+            and pending.pause_seq == run.pause_seq
+            and pending.request_id == request_id
+            and not pending.timed_out
+        ):
+            return  # accepted before the deadline: the same request again is that resume
+        try:
+            self._fire_timeout(run.run_id, run.pause_seq)
+        except Exception as exc:  # the worker's recovery pass fires it anyway
+            logger.warning("run %s: could not fire its due timeout: %s", run.run_id, exc)
+        raise PauseExpired(
+            f"run {run.run_id!r} can no longer be resumed: its pause at step {run.step!r} "
+            f"timed out at {run.expires_at.isoformat()}"
+        )
+
+    def _explain_refusal(self, run_id: str, exc: AlreadyResumed) -> CheckpointError:
+        """``PauseExpired`` when the request that won was the pause's expiry."""
+        run = self.store.load(run_id)
+        won = None if run is None else run.resume
+        if run is None:
+            ended = self.store.ended(run_id)
+            if ended is not None and ended.status == "expired":
+                return PauseExpired(f"run {run_id!r} expired at step {ended.step!r}")
+        elif won is not None and won.timed_out and run.on_timeout == "expire":
+            return PauseExpired(f"run {run_id!r} timed out at step {run.step!r} and is expiring")
+        return exc
 
     def send(
         self, run: PausedWorkflow, request: ResumeRequest | None, kind: str = "resume"
@@ -521,7 +797,12 @@ class Checkpoints:
         """(Re-)send the run's task message with its original id and canvas."""
         from celery import signature as make_signature
 
-        sig = make_signature(dict(run.request.signature), app=self.app)
+        if run.request.signature:
+            sig = make_signature(dict(run.request.signature), app=self.app)
+        else:
+            # A record written straight to the store (no captured request): the
+            # task and its arguments are all there is to send.
+            sig = self.app.signature(run.task_name, args=run.args, kwargs=run.kwargs)
         headers = dict(sig.options.get("headers") or {})
         headers[HEADER] = {
             "kind": kind,
@@ -531,27 +812,110 @@ class Checkpoints:
         sig.options.pop("expires", None)
         sig.options["headers"] = headers
         sig.options["task_id"] = run.run_id
-        sig.apply_async()
+        # Sent from inside a task (the timeout timer) it is not that task's child.
+        sig.apply_async(add_to_parent=False)
 
     def cancel(self, run_id: str, reason: str | None = None) -> PausedWorkflow:
         """Cancel a paused or in-flight run for good; its Celery state becomes REVOKED.
 
-        An in-flight owner is fenced: its next heartbeat or final write raises
-        ``LeaseLost`` and its result is dropped.
+        Durable: the store records the run as cancelled, so no later resume,
+        timeout or recovery runs it, and ``resume()`` raises ``RunCancelled``.
+        An in-flight owner is fenced, not waited for: its next heartbeat or
+        final write raises ``LeaseLost`` and whatever its body ends with is
+        dropped. Cancelling a cancelled run again returns its record;
+        an expired or failed one raises ``PauseExpired`` / ``RunCancelled``,
+        an unknown one ``CheckpointNotFound``. Returns the ended record.
         """
-        run = self.store.cancel(validate_run_id(run_id), reason=reason, status="cancelled")
-        if run is None:
-            raise CheckpointNotFound(run_id)
-        from celery import states
-
-        self.app.backend.store_result(
-            run_id, RunCancelled(f"run {run_id!r} cancelled: {reason}"), states.REVOKED
+        run_id = validate_run_id(run_id)
+        in_flight = self.store.lease(run_id) is not None  # as seen just before; for reports
+        ended = self.store.cancel(run_id, reason=reason, status="cancelled")
+        if ended is None:
+            previous = self.store.ended(run_id)
+            if previous is None:
+                raise CheckpointNotFound(run_id)
+            if previous.status == "expired":
+                raise PauseExpired(f"run {run_id!r} already expired at step {previous.step!r}")
+            if previous.status != "cancelled":
+                raise RunCancelled(f"run {run_id!r} already {previous.status}")
+            # Again, in case the first call failed here; the chord counted it already.
+            self._store_revoked(previous, chord=False)
+            return previous
+        self._store_revoked(ended, chord=True)
+        announce(
+            "cancelled",
+            signals.checkpoint_cancelled,
+            self.app,
+            ended,
+            log={"in_flight": in_flight, "reason": reason},
+            reason=reason,
+            in_flight=in_flight,
         )
-        return run
+        return ended
+
+    def _store_revoked(self, run: PausedWorkflow, *, chord: bool) -> None:
+        """REVOKED with ``RunCancelled`` in the result backend; a chord hears of it."""
+        from celery import states
+        from celery.app.task import Context
+
+        why = f": {run.ended_reason}" if run.ended_reason else ""
+        exc = RunCancelled(f"run {run.run_id!r} cancelled{why}")
+        options = run.request.signature.get("options") or {}
+        request = Context(
+            id=run.run_id,
+            task=run.task_name,
+            args=run.args,
+            kwargs=run.kwargs,
+            root_id=run.request.root_id,
+            parent_id=run.request.parent_id,
+            group=run.request.group_id,
+            group_index=options.get("group_index"),
+            chord=options.get("chord"),
+        )
+        backend = self.app.backend
+        backend.store_result(run.run_id, exc, states.REVOKED, traceback=None, request=request)
+        if chord and request.chord:
+            try:
+                backend.on_chord_part_return(request, states.REVOKED, exc)
+            except Exception as error:
+                logger.error("run %s: could not tell its chord: %s", run.run_id, error)
 
     def runs(self, **filters: Any) -> Iterator[Any]:
         """Paused and in-flight runs, as :class:`~celery_checkpoint.RunInfo`."""
         return self.store.list(**filters)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A resume message's won claim, and what it must do (read from the record)."""
+
+    run: PausedWorkflow
+    token: int
+    request: ResumeRequest | None
+    timed_out: bool
+
+    @property
+    def expires(self) -> bool:
+        return self.timed_out and self.run.on_timeout == "expire"
+
+
+def _as_tuple(value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list | tuple | set) else (value,)
+
+
+_TIMED_APPS: weakref.WeakSet[Celery] = weakref.WeakSet()
+
+
+def _register_timer(app: Celery) -> None:
+    """Register the internal task that fires a pause's timeout (once per app)."""
+    if app in _TIMED_APPS:
+        return  # another Checkpoints on this app (``celery checkpoint --store``)
+    _TIMED_APPS.add(app)
+
+    @app.task(name=TIMER_TASK, bind=True, shared=False, ignore_result=True)  # type: ignore[untyped-decorator]
+    def fire_timeout(task: Any, run_id: str, pause_seq: int) -> bool:
+        return Checkpoints.for_app(task.app)._fire_timeout(run_id, pause_seq)
 
 
 class _Heartbeat:

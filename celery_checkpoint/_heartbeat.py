@@ -49,8 +49,9 @@ class Beat:
         try:
             self.store.heartbeat(self.run_id, self.token, lease_seconds=self.lease_seconds)
         except LeaseLost as lost:
-            self.lost = lost
-            logger.error("run %s: lease lost while the body runs: %s", self.run_id, lost)
+            if not self.stopped:  # after stop(), the body's own write ended the lease
+                self.lost = lost
+                logger.error("run %s: lease lost while the body runs: %s", self.run_id, lost)
             return False
         except Exception as exc:  # keep beating: the store may come back
             logger.warning("run %s: heartbeat failed: %s", self.run_id, exc)

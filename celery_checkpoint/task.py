@@ -8,7 +8,7 @@ receive the resumed run's value::
 
     from datetime import timedelta
     from pydantic import BaseModel
-    from celery import Celery
+    from celery import Celery, states
     from celery_checkpoint import Checkpoints, Pause
 
     app = Celery("shop", broker="redis://localhost:6379/0", backend="redis://localhost:6379/1")
@@ -75,6 +75,7 @@ import importlib
 import inspect
 import logging
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Iterator
@@ -82,13 +83,14 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal, cast
 
-from celery import Celery
+from celery import Celery, states
 from celery.exceptions import Ignore
 from celery.result import AsyncResult
 from pydantic import JsonValue, TypeAdapter, ValidationError
 
 from . import signals
 from ._events import announce, log_event
+from ._heartbeat import heartbeats
 from .config import CheckpointConfig
 from .exceptions import (
     AlreadyResumed,
@@ -113,6 +115,8 @@ PAUSED = "PAUSED"
 RESUMING = "RESUMING"
 #: Message header that marks a resume (absent on a first execution).
 HEADER = "celery_checkpoint"
+#: Longest a resumed body waits for the pausing worker's PAUSED state (seconds).
+_PAUSED_STATE_WAIT = 5.0
 #: Name of the internal task that fires a pause's timeout at its deadline.
 TIMER_TASK = "celery_checkpoint.timeout"
 
@@ -426,25 +430,69 @@ class Checkpoints:
             timed_out=timed_out,
             request_id=current.request_id,
         )
+        self._await_paused_state(task, run)
         context = _CURRENT.set(current)
+        beat = heartbeats.start(
+            self.store,
+            run_id,
+            lease_token,
+            lease_seconds=config.lease_seconds,
+            interval=config.heartbeat_interval,
+        )
         try:
-            with _Heartbeat(self.store, run_id, lease_token, config) as heartbeat:
-                try:
-                    result = fun(*args, **kwargs)
-                except Pause as pause:
-                    heartbeat.stop()
-                    self._pause(task, pause, previous=run, token=lease_token)
-                except BaseException as exc:
-                    heartbeat.stop()
-                    if not self._release(run_id, lease_token, exc):
-                        # Cancelled or taken over meanwhile: storing this failure
-                        # would overwrite the state of whoever owns the run now.
-                        raise Ignore() from exc
-                    raise
+            try:
+                result = fun(*args, **kwargs)
+            except Pause as pause:
+                beat.stop()
+                self._pause(task, pause, previous=run, token=lease_token)
+            except BaseException as exc:
+                beat.stop()
+                if not self._release(run_id, lease_token, exc):
+                    # Cancelled or taken over meanwhile: storing this failure
+                    # would overwrite the state of whoever owns the run now.
+                    raise Ignore() from exc
+                raise
+            beat.stop()
             self._complete(task, run, lease_token, result)
             return result
         finally:
+            beat.stop()
             _CURRENT.reset(context)
+
+    def _await_paused_state(self, task: Any, run: PausedWorkflow) -> None:
+        """Wait (briefly) until the pausing worker has stored PAUSED for this pause.
+
+        It saves the checkpoint first and stores the Celery state just after; a
+        resume fast enough to finish in between would have its SUCCESS
+        overwritten by that late PAUSED. Normally the state is there already
+        and this is one result-backend read.
+        """
+        deadline = time.monotonic() + _PAUSED_STATE_WAIT
+        while True:
+            try:
+                meta = task.backend.get_task_meta(run.run_id, cache=False)
+            except Exception:  # a backend that stores nothing, or is down: do not wait
+                return
+            state = meta.get("status")
+            result = meta.get("result")
+            if state == RESUMING or state in states.READY_STATES:
+                return
+            if (
+                state == PAUSED
+                and isinstance(result, dict)
+                and result.get("pause_seq", run.pause_seq) >= run.pause_seq
+            ):
+                return
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "run %s: resuming although the result backend does not show pause %d "
+                    "(state %s): the pausing worker may have died between its two writes",
+                    run.run_id,
+                    run.pause_seq,
+                    state,
+                )
+                return
+            time.sleep(0.01)
 
     def _claim(self, run_id: str, pause_seq: int | None, owner: Owner) -> _Claim | None:
         """Claim the run for one resume message; None when another delivery owns it.
@@ -571,8 +619,8 @@ class Checkpoints:
         except LeaseLost as lost:
             logger.error("run %s: re-pause after the lease was lost, dropped: %s", run_id, lost)
             raise Ignore() from lost
-        if token is not None:
-            self.store.complete(run_id, token=token)
+        # A save with the token ends the lease in the same step: no complete()
+        # after it, which could meet a resume of the new pause claimed meanwhile.
         meta = {
             "run_id": run_id,
             "step": pause.step,
@@ -854,7 +902,6 @@ class Checkpoints:
 
     def _store_revoked(self, run: PausedWorkflow, *, chord: bool) -> None:
         """REVOKED with ``RunCancelled`` in the result backend; a chord hears of it."""
-        from celery import states
         from celery.app.task import Context
 
         why = f": {run.ended_reason}" if run.ended_reason else ""
@@ -916,48 +963,6 @@ def _register_timer(app: Celery) -> None:
     @app.task(name=TIMER_TASK, bind=True, shared=False, ignore_result=True)  # type: ignore[untyped-decorator]
     def fire_timeout(task: Any, run_id: str, pause_seq: int) -> bool:
         return Checkpoints.for_app(task.app)._fire_timeout(run_id, pause_seq)
-
-
-class _Heartbeat:
-    """Renews a lease from a daemon thread while the body runs."""
-
-    def __init__(
-        self, store: CheckpointStore, run_id: str, token: int, config: CheckpointConfig
-    ) -> None:
-        self.store = store
-        self.run_id = run_id
-        self.token = token
-        self.config = config
-        self.lost: LeaseLost | None = None
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(
-            target=self._beat, name=f"checkpoint-heartbeat-{run_id}", daemon=True
-        )
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        self._stopped.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-
-    def _beat(self) -> None:
-        while not self._stopped.wait(self.config.heartbeat_interval):
-            try:
-                self.store.heartbeat(
-                    self.run_id, self.token, lease_seconds=self.config.lease_seconds
-                )
-            except LeaseLost as lost:
-                self.lost = lost
-                logger.error("run %s: lease lost while the body runs: %s", self.run_id, lost)
-                return
-            except Exception as exc:  # keep beating: the store may come back
-                logger.warning("run %s: heartbeat failed: %s", self.run_id, exc)
 
 
 def _header(request: Any) -> dict[str, Any] | None:

@@ -74,6 +74,7 @@ import functools
 import importlib
 import inspect
 import logging
+import math
 import threading
 import time
 import uuid
@@ -115,6 +116,8 @@ PAUSED = "PAUSED"
 RESUMING = "RESUMING"
 #: Message header that marks a resume (absent on a first execution).
 HEADER = "celery_checkpoint"
+#: The longest pause timeout: far enough, and clear of datetime's range.
+_MAX_TIMEOUT = timedelta(days=365 * 100)
 #: Longest a resumed body waits for the pausing worker's PAUSED state (seconds).
 _PAUSED_STATE_WAIT = 5.0
 #: Name of the internal task that fires a pause's timeout at its deadline.
@@ -152,9 +155,22 @@ class Pause(Exception):
         if on_timeout not in ("expire", "resume"):
             raise ValueError(f"on_timeout must be 'expire' or 'resume', not {on_timeout!r}")
         if isinstance(timeout, int | float):
+            if not math.isfinite(timeout):
+                raise ValueError(f"Pause timeout must be a finite number of seconds, not {timeout}")
             timeout = timedelta(seconds=timeout)
-        if timeout is not None and timeout <= timedelta(0):
-            raise ValueError(f"Pause timeout must be positive, not {timeout}")
+        if timeout is not None and not timedelta(0) < timeout <= _MAX_TIMEOUT:
+            raise ValueError(
+                f"Pause timeout must be positive and at most {_MAX_TIMEOUT.days} days, "
+                f"not {timeout}"
+            )
+        for name, value in (("state", state), ("metadata", metadata)):
+            try:
+                _JSON.validate_python(value)
+            except ValidationError as exc:
+                raise TypeError(
+                    f"Pause {name} must be JSON (dicts, lists, str, int, float, bool, None): "
+                    f"{exc.errors(include_url=False)[0]['msg']}"
+                ) from None
         super().__init__(step)
         self.step = step
         self.state = state
@@ -430,8 +446,6 @@ class Checkpoints:
             timed_out=timed_out,
             request_id=current.request_id,
         )
-        self._await_paused_state(task, run)
-        context = _CURRENT.set(current)
         beat = heartbeats.start(
             self.store,
             run_id,
@@ -439,21 +453,29 @@ class Checkpoints:
             lease_seconds=config.lease_seconds,
             interval=config.heartbeat_interval,
         )
+        context = _CURRENT.set(current)
         try:
+            self._await_paused_state(task, run)
             try:
-                result = fun(*args, **kwargs)
-            except Pause as pause:
+                try:
+                    result = fun(*args, **kwargs)
+                except Pause as pause:
+                    beat.stop()
+                    self._pause(task, pause, previous=run, token=lease_token)
                 beat.stop()
-                self._pause(task, pause, previous=run, token=lease_token)
+                self._complete(task, run, lease_token, result)
+            except Ignore:
+                raise
             except BaseException as exc:
+                # The body, or saving its pause, or completing it failed: give
+                # the run back (still PAUSED, nothing lost) before Celery's own
+                # failure handling, or recovery would run it again and again.
                 beat.stop()
                 if not self._release(run_id, lease_token, exc):
                     # Cancelled or taken over meanwhile: storing this failure
                     # would overwrite the state of whoever owns the run now.
                     raise Ignore() from exc
                 raise
-            beat.stop()
-            self._complete(task, run, lease_token, result)
             return result
         finally:
             beat.stop()
@@ -628,7 +650,12 @@ class Checkpoints:
             "pause_seq": record.pause_seq,
             "expires_at": None if record.expires_at is None else record.expires_at.isoformat(),
         }
-        task.update_state(state=PAUSED, meta=meta)
+        try:
+            task.update_state(state=PAUSED, meta=meta)
+        except Exception as exc:
+            # The checkpoint is saved: the run IS paused. Failing the task now
+            # would fire error callbacks for a run that will still resume.
+            logger.error("run %s: paused, but storing the PAUSED state failed: %r", run_id, exc)
         announce(
             "paused",
             signals.checkpoint_paused,

@@ -35,6 +35,7 @@ import os
 import threading
 import time
 import uuid
+import weakref
 import zlib
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -97,6 +98,11 @@ class FileStore(CheckpointStore):
         #: recent writes. Never turn it off where checkpoints matter.
         self.fsync = bool(fsync)
         self._thread_locks = [threading.Lock() for _ in range(_STRIPES)]
+        # flock descriptors held right now: a child forked meanwhile inherits
+        # them (and the held mutexes), and must drop both or it would keep the
+        # stripe locked for every process until it exits.
+        self._held_fds: set[int] = set()
+        _OPEN_STORES.add(self)
         self._dirs = {
             name: self.root / name
             for name in ("paused", "inflight", "pending", "deadlines", "ended", "tmp", "locks")
@@ -138,12 +144,21 @@ class FileStore(CheckpointStore):
         """Hold the run's stripe lock: threads via a mutex, processes via flock."""
         stripe = zlib.crc32(run_id.encode()) % _STRIPES
         with self._thread_locks[stripe]:
-            fd = os.open(self._lock_names[stripe], os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self._lock_names[stripe], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._held_fds.add(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 yield
             finally:
+                self._held_fds.discard(fd)
                 os.close(fd)  # closing drops the flock
+
+    def _after_fork_in_child(self) -> None:
+        for fd in list(self._held_fds):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._held_fds = set()
+        self._thread_locks = [threading.Lock() for _ in range(_STRIPES)]
 
     @contextlib.contextmanager
     def _io(self, action: str, run_id: str) -> Iterator[None]:
@@ -680,6 +695,17 @@ class FileStore(CheckpointStore):
             if run is not None:
                 self._rearm(run, run.last_token + 1)
             return None
+
+
+_OPEN_STORES: weakref.WeakSet[FileStore] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_OPEN_STORES):
+        store._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _listdir(path: Path) -> Iterator[str]:

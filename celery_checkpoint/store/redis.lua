@@ -260,6 +260,9 @@ if redis.call('EXISTS', K_RUN) == 0
   return {'none'}
 end
 if ARGV[4] ~= '' and token ~= tonumber(ARGV[4]) then return {'busy'} end
+-- An owner found dead is only proof against the token that was seen with it: a
+-- lease taken since (no token seen, or another one) may belong to a live worker.
+if ARGV[3] == 'dead' and ARGV[4] == '' then return {'busy'} end
 if ARGV[3] == 'expired' and now_ms() < tonumber(lease[2]) then return {'busy'} end
 redis.call('HSET', K_CTL, 'last_token', token, 'ended_by', 'recovery')
 redis.call('HINCRBY', K_CTL, 'recoveries', 1)

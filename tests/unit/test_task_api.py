@@ -246,3 +246,12 @@ def test_expects_must_be_importable() -> None:
 
     with pytest.raises(ImproperlyConfigured, match="module level"):
         Pause("step", expects=Local)
+
+
+def test_pause_state_must_be_json_and_timeout_in_range() -> None:
+    with pytest.raises(TypeError, match="state must be JSON"):
+        Pause("step", state={"when": object()})
+    with pytest.raises(ValueError, match="finite"):
+        Pause("step", timeout=float("nan"))
+    with pytest.raises(ValueError, match="at most"):
+        Pause("step", timeout=10**12)

@@ -91,14 +91,18 @@ class ResumeRejected(CheckpointError):
 
 
 class AlreadyResumed(CheckpointError):
-    """Another resume request (a different ``request_id``) is already pending."""
+    """Another resume request (a different ``request_id``) is pending, or already
+    ran the run to completion (``completed``)."""
 
-    def __init__(self, run_id: str, pending_request_id: str) -> None:
-        super().__init__(
-            f"run {run_id!r} already has a pending resume request {pending_request_id!r}"
-        )
+    def __init__(self, run_id: str, pending_request_id: str, *, completed: bool = False) -> None:
+        if completed:
+            message = f"run {run_id!r} already completed (resumed by {pending_request_id!r})"
+        else:
+            message = f"run {run_id!r} already has a pending resume request {pending_request_id!r}"
+        super().__init__(message)
         self.run_id = run_id
         self.pending_request_id = pending_request_id
+        self.completed = completed
 
 
 class PauseExpired(CheckpointError):

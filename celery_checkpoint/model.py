@@ -38,7 +38,7 @@ _RUN_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}")
 # mistaken for one of them by a person reading the directory, so it is refused.
 _RESERVED_SUFFIXES = (".json", ".inflight", ".corrupt", ".tmp", ".lock", ".pending", ".ended")
 
-RunStatus = Literal["paused", "cancelled", "expired", "failed"]
+RunStatus = Literal["paused", "cancelled", "expired", "failed", "completed"]
 
 
 def utcnow() -> datetime:
@@ -187,7 +187,7 @@ class PausedWorkflow(BaseModel):
     last_token: int = 0
     # How the lease of last_token ended, so a late ``complete`` by that holder
     # can tell its own re-pause (a no-op) from a lost lease (LeaseLost).
-    lease_ended_by: Literal["repause", "release", "recovery", "cancel"] | None = None
+    lease_ended_by: Literal["repause", "release", "recovery", "cancel", "complete"] | None = None
     recoveries: int = 0
     status: RunStatus = "paused"
     ended_reason: str | None = None

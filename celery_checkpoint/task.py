@@ -801,6 +801,17 @@ class Checkpoints:
             if ended is not None:
                 if ended.status == "expired":
                     raise PauseExpired(f"run {run_id!r} expired at step {ended.step!r}")
+                if ended.status == "completed":
+                    done = ended.resume
+                    if (
+                        done is not None
+                        and request_id is not None
+                        and done.request_id == request_id
+                    ):
+                        return AsyncResult(run_id, app=self.app)  # the same resume, already run
+                    raise AlreadyResumed(
+                        run_id, done.request_id if done else "<none>", completed=True
+                    )
                 raise RunCancelled(f"run {run_id!r} was {ended.status}: {ended.ended_reason}")
             raise CheckpointNotFound(run_id)
         if pause_seq is not None and pause_seq != run.pause_seq:

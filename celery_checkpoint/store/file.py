@@ -71,6 +71,9 @@ _STALE_TMP_SECONDS = 3600.0
 
 
 def _ended_error(run: PausedWorkflow) -> Exception:
+    if run.status == "completed":
+        done = run.resume.request_id if run.resume is not None else "<none>"
+        return AlreadyResumed(run.run_id, done, completed=True)
     why = f": {run.ended_reason}" if run.ended_reason else ""
     if run.status == "expired":
         return PauseExpired(f"run {run.run_id!r} expired at step {run.step!r}{why}")
@@ -374,9 +377,12 @@ class FileStore(CheckpointStore):
             run = self._read_run("paused", run_id)
             if run is None:
                 ended = self._read_run_tolerant(run_id, kind="ended")
-                if ended is not None:
-                    raise _ended_error(ended)
-                raise CheckpointNotFound(run_id)
+                if ended is None:
+                    raise CheckpointNotFound(run_id)
+                done = ended.resume if ended.status == "completed" else None
+                if done is not None and done.request_id == request_id:
+                    return done  # the same resume again, after it ran to completion
+                raise _ended_error(ended)
             if pause_seq is not None and pause_seq != run.pause_seq:
                 raise ResumeRejected(
                     run_id,
@@ -439,12 +445,22 @@ class FileStore(CheckpointStore):
             # record, which recovery drops; never a record that looks paused again.
             if self._unlink("paused", run_id):
                 self._drop_indexes(run_id)
+                if run is not None and live is not None:
+                    # A tombstone: a late writer with an older token, a redelivered
+                    # first execution and a repeated resume must see that the run
+                    # completed. Not fsynced: after a power cut nobody is late.
+                    run.status = "completed"
+                    run.lease_ended_by = "complete"
+                    run.last_token = live.token
+                    self._write("ended", run_id, run.to_json(), durable=False)
             self._unlink("inflight", run_id, sync=False)
 
     def _check_ended_lease(self, run_id: str, run: PausedWorkflow | None, token: int) -> None:
         """Raise LeaseLost unless ``token``'s lease ended by completing or re-pausing."""
         if run is None:
             ended = self._read_run_tolerant(run_id, kind="ended")
+            if ended is not None and ended.status == "completed" and ended.last_token == token:
+                return  # this holder completed it: complete() is idempotent
             if ended is not None and ended.last_token >= token:
                 raise LeaseLost(run_id, f"the run was {ended.status}")
             return

@@ -184,8 +184,10 @@ if ARGV[3] ~= '' then
       return {'lost', 'stale'}
     end
     local e = redis.call('HMGET', K_ENDED_CTL, 'last_token', 'status')
-    if redis.call('EXISTS', K_ENDED) == 1 and tonumber(e[1] or '0') >= token then
-      return {'lost', 'ended', e[2] or 'cancelled'}
+    if redis.call('EXISTS', K_ENDED) == 1 then
+      local ended_last = tonumber(e[1] or '0')
+      if e[2] == 'completed' and ended_last == token then return {'ok'} end -- idempotent
+      if ended_last >= token then return {'lost', 'ended', e[2] or 'cancelled'} end
     end
     return {'ok'}
   end
@@ -196,7 +198,13 @@ elseif not current then
   return {'ok'}
 end
 if exists then
-  redis.call('DEL', K_RUN, K_CTL)
+  -- Keep a tombstone: a late writer with an older token, a redelivered first
+  -- execution and a repeated resume must see that the run completed.
+  redis.call('RENAME', K_RUN, K_ENDED)
+  redis.call('DEL', K_ENDED_CTL)
+  if redis.call('EXISTS', K_CTL) == 1 then redis.call('RENAME', K_CTL, K_ENDED_CTL) end
+  redis.call('HSET', K_ENDED_CTL, 'status', 'completed', 'ended_by', 'complete',
+    'last_token', current or last)
   redis.call('ZREM', K_PAUSED, ID)
   -- The indexes hold only runs with a pending request / a deadline.
   if c[3] == 'pending' then redis.call('ZREM', K_PENDING, ID) end

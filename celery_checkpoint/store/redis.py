@@ -122,8 +122,8 @@ _US = timedelta(microseconds=1)
 _MIN_VERSION = (5, 0)
 _PAGE = 100  # runs read per round trip by list()
 _DUE_BATCH = 500  # pending requests examined per script run by due_resumes()
-_ENDED_BY = frozenset({"repause", "release", "recovery", "cancel"})
-_STATUSES = frozenset({"paused", "cancelled", "expired", "failed"})
+_ENDED_BY = frozenset({"repause", "release", "recovery", "cancel", "complete"})
+_STATUSES = frozenset({"paused", "cancelled", "expired", "failed", "completed"})
 _RESUME_STATUSES = frozenset({"pending", "failed"})
 _RUN_SCRIPTS = frozenset(
     {
@@ -254,6 +254,11 @@ def _ended_error(run_id: str, ctl: dict[str, str]) -> Exception:
     reason = ctl.get("ended_reason")
     why = f": {reason}" if reason else ""
     status = ctl.get("status", "cancelled")
+    if status == "completed":
+        done = _resume_from(ctl)
+        return AlreadyResumed(
+            run_id, done.request_id if done is not None else "<none>", completed=True
+        )
     if status == "expired":
         return PauseExpired(f"run {run_id!r} expired at step {ctl.get('step')!r}{why}")
     return RunCancelled(f"run {run_id!r} was {status}{why}")
@@ -660,7 +665,11 @@ class RedisStore(CheckpointStore):
         if status == "notfound":
             raise CheckpointNotFound(run_id)
         if status == "ended":
-            raise _ended_error(run_id, _ctl(result[1]))
+            ended = _ctl(result[1])
+            done = _resume_from(ended) if ended.get("status") == "completed" else None
+            if done is not None and done.request_id == request_id:
+                return done  # the same resume again, after it ran to completion
+            raise _ended_error(run_id, ended)
         if status == "rejected":
             raise ResumeRejected(
                 run_id,

@@ -583,3 +583,23 @@ def test_a_new_run_under_an_ended_id_is_claimable_with_growing_tokens(
     with pytest.raises(LeaseLost):
         store.complete("reused", token=old_token)
     assert store.lease("reused") is not None
+
+
+def test_completion_leaves_a_tombstone_that_fences_older_tokens(store: CheckpointStore) -> None:
+    store.save(make_run("done"))
+    store.request_resume("done", {"ok": True}, "req-1")
+    _, stale = claimed(store, "done", lease_seconds=EXPIRED_AFTER)
+    time.sleep(EXPIRED_AFTER * 2)
+    assert [run.run_id for run in store.recover_orphaned()] == ["done"]
+    _, token = claimed(store, "done", lease_seconds=LONG)
+    store.complete("done", token=token)
+    store.complete("done", token=token)  # idempotent for the holder that completed it
+    with pytest.raises(LeaseLost):
+        store.complete("done", token=stale)  # a late holder never "completes" it again
+    tombstone = store.ended("done")
+    assert tombstone is not None and tombstone.status == "completed"
+    assert store.load("done") is None and store.claim("done") is None
+    again = store.request_resume("done", {"ok": True}, "req-1")
+    assert again.request_id == "req-1"  # the same resume again is answered, not re-run
+    with pytest.raises(AlreadyResumed):
+        store.request_resume("done", {"ok": False}, "req-2")

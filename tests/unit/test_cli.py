@@ -103,7 +103,7 @@ def test_resume_from_the_command_line_continues_the_run(ops: Ops, tmp_path: Path
     assert "cli-1" in done.stdout
     assert ops.wait_state(ops.tasks["approve"].AsyncResult(run_id), "SUCCESS").result == "approved"
     line = failed(invoke(ops, "resume", run_id, "--input", "true"), 1)
-    assert "no paused run" in line
+    assert "already completed" in line
 
 
 def test_resume_reads_stdin_and_prints_json(ops: Ops) -> None:

@@ -189,7 +189,8 @@ def _check(
         # An accepted resume always wins; the timeout then never fires.
         assert outcome == ("ran", accepted[0], False, {"by": accepted[0]}), reports
         assert firings == 0, reports
-        assert store.ended(run_id) is None
+        ended = store.ended(run_id)  # completed, not expired
+        assert ended is not None and ended.status == "completed", ended
         return "resumed"
     assert firings == 1, reports  # at most once, and here exactly once
     refused = {r[2] for r in reports if r[0] == "person"}

@@ -100,11 +100,14 @@ def recover(app: Celery) -> RecoveryReport:
         )
     resent = 0
     for run_id in store.due_resumes(config.resend_after):
-        waiting = store.load(run_id)
-        if waiting is not None and waiting.resume is not None:
-            kind = "timeout" if waiting.resume.timed_out else "resume"
-            checkpoints.send(waiting, waiting.resume, kind=kind)
-            resent += 1
+        try:  # one run's trouble (a corrupt record, the broker) must not stop the pass
+            waiting = store.load(run_id)
+            if waiting is not None and waiting.resume is not None:
+                kind = "timeout" if waiting.resume.timed_out else "resume"
+                checkpoints.send(waiting, waiting.resume, kind=kind)
+                resent += 1
+        except Exception as exc:
+            logger.warning("run %s: could not re-send its resume: %s", run_id, exc)
     timeouts = 0
     for run_id in store.due_timeouts():
         # Through the same compare-and-set and claim as every resume: a lost

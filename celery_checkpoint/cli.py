@@ -97,6 +97,9 @@ def _errors() -> Iterator[None]:
         raise Failed(_one_line(f"{type(exc).__name__}: {exc}")) from None
 
 
+_MAX_DURATION = 100 * 365 * 86400.0  # past this, datetime arithmetic overflows soon
+
+
 def parse_duration(text: str) -> float:
     """Seconds in ``90s``, ``15m``, ``2h``, ``3d``, ``1w``, ``1h30m`` or ``45``; ``ValueError``."""
     compact = text.strip().lower().replace(" ", "")
@@ -113,8 +116,8 @@ def parse_duration(text: str) -> float:
             raise ValueError(
                 f"{text!r} is not a duration: use 90s, 15m, 2h, 3d, 1h30m or seconds"
             ) from None
-    if seconds < 0 or seconds != seconds or seconds == float("inf"):
-        raise ValueError(f"{text!r} is not a duration: it must be a finite time >= 0")
+    if seconds < 0 or seconds != seconds or seconds > _MAX_DURATION:
+        raise ValueError(f"{text!r} is not a duration: it must be from 0 to 100 years")
     return seconds
 
 
@@ -165,7 +168,11 @@ def _read_input(text: str | None) -> Any:
     if text.startswith("@"):
         path = text[1:]
         if path == "-":
-            source, data = "the input on stdin", sys.stdin.read()
+            source = "the input on stdin"
+            try:
+                data = sys.stdin.buffer.read().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadInput(f"cannot read {source}: it is not UTF-8 ({exc.reason})") from None
         else:
             source = f"the input file {path!r}"
             try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -11,6 +12,8 @@ from ..exceptions import ImproperlyConfigured
 from .base import DEFAULT_LEASE_SECONDS, CheckpointStore, RunInfo
 
 __all__ = ["BACKENDS", "DEFAULT_LEASE_SECONDS", "CheckpointStore", "RunInfo", "open_store"]
+
+_URL_WITHOUT_SLASHES = re.compile(r"(file|redis|rediss|unix):(?!//)", re.IGNORECASE)
 
 #: scheme -> "module:Class"; a plain path means the file backend.
 BACKENDS: dict[str, str] = {
@@ -29,6 +32,11 @@ def open_store(target: str | os.PathLike[str] | CheckpointStore, **options: Any)
     if not text:
         raise ImproperlyConfigured("empty checkpoint store target: give a directory or a URL")
     scheme = urlsplit(text).scheme.lower() if "://" in text else ""
+    if not scheme and _URL_WITHOUT_SLASHES.match(text):
+        raise ImproperlyConfigured(
+            f"checkpoint store target {text!r} looks like a URL without '//': write "
+            "file:///absolute/dir or redis://host:port/db, or a plain directory path"
+        )
     if not scheme:
         from .file import FileStore
 

@@ -170,6 +170,7 @@ def test_recover_and_stats(ops: Ops) -> None:
         (["resume", "some-run", "--input", "{not json"], 2, "--input is not valid JSON"),
         (["resume", "some-run", "--input", "@/no/such/file.json"], 2, "cannot read"),
         (["list", "--older-than", "soon"], 2, "--older-than: 'soon' is not a duration"),
+        (["list", "--older-than", "99999999999"], 2, "from 0 to 100 years"),
     ],
 )
 def test_bad_input_is_one_clear_line_and_an_exit_status(

@@ -255,3 +255,8 @@ def test_pause_state_must_be_json_and_timeout_in_range() -> None:
         Pause("step", timeout=float("nan"))
     with pytest.raises(ValueError, match="at most"):
         Pause("step", timeout=10**12)
+
+
+def test_a_url_without_slashes_is_refused_not_made_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(ImproperlyConfigured, match="without '//'"):
+        CheckpointStore.open("file:/abs/dir")

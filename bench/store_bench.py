@@ -169,7 +169,6 @@ class FloorCycles:
             os.path.exists(f"{d['ended']}/{run_id}.json")
             self._read(f"/proc/{self.pid}/stat")
             self._write("inflight", f"{run_id}.json", self.lease, durable=False)
-            self._unlink(pending)
             os.close(lock)
             # complete: lock, read record and lease, unlink both (the record's directory synced)
             lock = self._lock(run_id)

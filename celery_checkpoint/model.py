@@ -78,16 +78,35 @@ class Owner(BaseModel):
     # Process start time (clock ticks since boot, from /proc) so a recycled pid
     # is not mistaken for the owner. None where /proc is not available.
     pid_start: int | None = None
+    # The kernel's boot id and the pid namespace: containers may share a host
+    # name without sharing pids, and a pid means nothing after a reboot.
+    boot_id: str | None = None
+    pid_ns: str | None = None
 
     @classmethod
     def current(cls, node: str | None = None) -> Owner:
         pid = os.getpid()
         host = socket.gethostname()
-        return cls(node=node or f"{host}:{pid}", host=host, pid=pid, pid_start=_pid_start(pid))
+        return cls(
+            node=node or f"{host}:{pid}",
+            host=host,
+            pid=pid,
+            pid_start=_pid_start(pid),
+            boot_id=_BOOT_ID,
+            pid_ns=_pid_namespace(),
+        )
 
     def is_dead_here(self) -> bool:
-        """True only when the owner is proved dead: same host and its process is gone."""
+        """True only when the owner is proved dead: same host and its process is gone.
+
+        Same host name but another boot means dead (the machine restarted);
+        another pid namespace (a container sharing the host name) proves nothing.
+        """
         if self.host != socket.gethostname():
+            return False
+        if self.boot_id is not None and _BOOT_ID is not None and self.boot_id != _BOOT_ID:
+            return True
+        if self.pid_ns is not None and self.pid_ns != _pid_namespace():
             return False
         try:
             os.kill(self.pid, 0)
@@ -103,6 +122,24 @@ class Owner(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.node} (pid {self.pid} on {self.host})"
+
+
+def _read_boot_id() -> str | None:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            return fh.read().strip() or None
+    except OSError:
+        return None
+
+
+_BOOT_ID = _read_boot_id()
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _pid_start(pid: int) -> int | None:

@@ -828,6 +828,16 @@ class Checkpoints:
             )
         except AlreadyResumed as exc:
             raise self._explain_refusal(run_id, exc) from exc
+        if accepted.status == "failed":
+            # This very request already ran and failed: one resume, not two.
+            # A new request id tries again.
+            logger.info(
+                "run %s: resume %s already ran and failed (%s); not sent again",
+                run_id,
+                accepted.request_id,
+                accepted.error,
+            )
+            return AsyncResult(run_id, app=self.app)
         if run.resume is not None and run.resume.status == "failed":
             # The failed attempt left FAILURE in the result backend, a ready
             # state get() would return at once: show the run as resuming again.

@@ -217,10 +217,17 @@ class FileStore(CheckpointStore):
         return True
 
     def _touch(self, kind: str, run_id: str, when: float) -> None:
+        """Create (durably) or re-date an index entry: a pending resume or a deadline."""
         path = self._path(kind, run_id)
-        with contextlib.suppress(FileExistsError):
+        try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            created = False
+        else:
+            created = True
         os.utime(path, (when, when))
+        if created:  # an entry lost to a power cut would be a resume or timeout never sent
+            self._sync_dir(kind)
 
     def _read_bytes(self, kind: str, run_id: str) -> bytes | None:
         try:
@@ -359,7 +366,9 @@ class FileStore(CheckpointStore):
             # again, as a recovered run would); a torn one is moved aside and
             # the run re-armed past its token. Either way nothing is lost.
             self._write("inflight", run_id, lease.model_dump_json().encode(), durable=False)
-            self._unlink("pending", run_id, sync=False)
+            # The pending entry stays: if this lease is lost to a power cut, the
+            # request must still be found and re-sent (due_resumes skips and
+            # drops entries of runs in flight).
             run.lease = lease
             return run
 

@@ -21,3 +21,20 @@ def test_hostile_run_id_is_refused(bad: str) -> None:
 def test_invalid_run_id_is_also_a_value_error() -> None:
     with pytest.raises(ValueError):
         validate_run_id("/etc/passwd")
+
+
+def test_owner_death_is_proved_only_by_what_this_host_can_see() -> None:
+    import subprocess
+    import sys
+
+    from celery_checkpoint import Owner
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    me = Owner.current()
+    gone = me.model_copy(update={"pid": child.pid, "pid_start": None})
+    assert not me.is_dead_here()  # alive
+    assert gone.is_dead_here()  # same host, same boot, same namespace, process gone
+    assert not gone.model_copy(update={"host": "elsewhere"}).is_dead_here()
+    assert not gone.model_copy(update={"pid_ns": "pid:[1]"}).is_dead_here()  # another container
+    assert me.model_copy(update={"boot_id": "an-earlier-boot"}).is_dead_here()  # host restarted

@@ -284,8 +284,12 @@ def test_celery_checkpoint_list_show_resume_cancel_as_subprocesses(
     done = cli(ops_settings, "resume", first.id, "--input", '{"approved": true, "approver": "ana"}')
     assert done.returncode == 0, done.stderr
     assert first.get(timeout=60) == "o-1 approved by ana"
-    gone = cli(ops_settings, "show", first.id)
-    assert gone.returncode == 1 and len(gone.stderr.splitlines()) == 1
+    done_run = cli(ops_settings, "show", first.id)  # the completed run's tombstone
+    assert done_run.returncode == 0, done_run.stderr
+    assert "completed" in done_run.stdout
+    again = cli(ops_settings, "resume", first.id, "--input", '{"approved": false, "approver": "x"}')
+    assert again.returncode == 1 and len(again.stderr.splitlines()) == 1
+    assert "already completed" in again.stderr
 
     cancelled = cli(ops_settings, "cancel", second.id, "--reason", "duplicate order")
     assert cancelled.returncode == 0, cancelled.stderr

@@ -268,7 +268,7 @@ def _expected(plan: list[str], done: int) -> Observed:
             lease = 1
         elif step == "complete":
             if lease is not None:  # after a re-pause the fresh paused record stays
-                record = None
+                record, ended = None, "completed"  # the tombstone fences late writers
             lease = None
         elif step == "release":
             assert record is not None

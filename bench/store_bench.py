@@ -158,7 +158,9 @@ class FloorCycles:
             lock = self._lock(run_id)
             self._read(paused)
             self._read(inflight)
+            self._read(f"{d['ended']}/{run_id}.json")  # an ended run of the same id?
             self._write("paused", f"{run_id}.json", self.record)
+            self._unlink(f"{d['ended']}/{run_id}.json")
             self._unlink(deadline)
             self._unlink(pending)
             os.close(lock)
@@ -168,9 +170,11 @@ class FloorCycles:
             self._read(inflight)
             os.path.exists(f"{d['ended']}/{run_id}.json")
             self._read(f"/proc/{self.pid}/stat")
+            os.readlink("/proc/self/ns/pid")
             self._write("inflight", f"{run_id}.json", self.lease, durable=False)
             os.close(lock)
-            # complete: lock, read record and lease, unlink both (the record's directory synced)
+            # complete: lock, read record and lease, unlink both (the record's directory
+            # synced), leave a tombstone in ended/ (not synced)
             lock = self._lock(run_id)
             self._read(paused)
             self._read(inflight)
@@ -178,6 +182,7 @@ class FloorCycles:
             self._sync_dir("paused")
             self._unlink(pending)
             self._unlink(deadline)
+            self._write("ended", f"{run_id}.json", self.record, durable=False)  # the tombstone
             os.unlink(inflight)
             os.close(lock)
 

@@ -763,9 +763,7 @@ class Checkpoints:
             expires_at=run.expires_at,
         )
         if pending is not None and pending.pause_seq == run.pause_seq:
-            # A failed attempt left FAILURE, a ready state: show the run as resuming.
-            meta = {"run_id": run_id, "step": run.step, "request_id": request.request_id}
-            self.app.backend.store_result(run_id, meta, RESUMING)
+            self._show_resuming(run, request)
         self.send(run, request, kind="timeout")
         return True
 
@@ -839,10 +837,7 @@ class Checkpoints:
             )
             return AsyncResult(run_id, app=self.app)
         if run.resume is not None and run.resume.status == "failed":
-            # The failed attempt left FAILURE in the result backend, a ready
-            # state get() would return at once: show the run as resuming again.
-            meta = {"run_id": run_id, "step": run.step, "request_id": accepted.request_id}
-            self.app.backend.store_result(run_id, meta, RESUMING)
+            self._show_resuming(run, accepted)
         self.send(run, accepted)
         log_event(
             "resume_requested",
@@ -853,6 +848,11 @@ class Checkpoints:
             request_id=accepted.request_id,
         )
         return AsyncResult(run_id, app=self.app)
+
+    def _show_resuming(self, run: PausedWorkflow, request: ResumeRequest) -> None:
+        """Store RESUMING over the FAILURE a failed attempt left: get() must wait again."""
+        meta = {"run_id": run.run_id, "step": run.step, "request_id": request.request_id}
+        self.app.backend.store_result(run.run_id, meta, RESUMING)
 
     def _check_deadline(self, run: PausedWorkflow, request_id: str) -> None:
         """Refuse a resume of an expiring pause whose deadline has passed."""

@@ -39,39 +39,48 @@ Eviction
     opens anyway with a warning). If ``CONFIG`` is disabled the policy cannot be
     read and a warning says so.
 
-Key layout (``P`` is the prefix; ``{run_id}`` is the run's hash tag)::
+Key layout (``P`` is the prefix; ``G`` the run's group, ``P:{gg}:``)::
 
-    P:run:{id}              the record JSON as last saved (string)
-    P:run:{id}:ctl          fields transitions change without rewriting the record
+    G:run:<id>              the record JSON as last saved (string)
+    G:run:<id>/ctl          fields transitions change without rewriting the record
                             (last_token, lease_ended_by, recoveries, status,
-                            resume request and its status); they override the JSON
-    P:run:{id}:lease        token, owner, claimed/expires (server ms), host
-    P:run:{id}:ended        (+ ``:ended:ctl``) a cancelled, expired or failed run
-    P:run:{id}:corrupt      (+ ``:corrupt:ctl``) an unparsable record moved aside
-    P:paused                ZSET of every run (paused or in flight) by paused_at (us)
-    P:inflight              ZSET of claimed runs by lease expiry (server ms)
-    P:owners:<host>         SET of the runs claimed by workers on <host>
-    P:pending               ZSET of pending resume requests by last sent (server us)
-    P:deadlines             ZSET of pauses with a timeout by expires_at (us)
+                            resume request and its status); they override the
+                            JSON. The lease lives here too (lease_token,
+                            lease_owner, lease_host, lease_claimed, lease_expires)
+    G:run:<id>/ended        (+ ``/ended/ctl``) a completed, cancelled, expired or
+                            failed run
+    G:run:<id>/corrupt      (+ ``/corrupt/ctl``) an unparsable record moved aside
+    G:paused                ZSET of the group's runs (paused or in flight) by paused_at (us)
+    G:inflight              ZSET of the group's claimed runs by lease expiry (server ms)
+    G:owners:<host>         SET of the group's runs claimed by workers on <host>
+    G:pending               ZSET of pending resume requests by last sent (server us)
+    G:deadlines             ZSET of pauses with a timeout by expires_at (us)
 
-``count`` is one ``ZCARD`` (``stats`` one small script); ``list`` pages through
-``P:paused`` with ``ZSCAN``; recovery reads ``P:inflight`` up to the server's now
-and this host's ``P:owners:<host>`` -- never the whole keyspace (no
-``KEYS``/``SCAN``). Times: lease expiry in server milliseconds, as asked of a
-lease; the pending index in server microseconds; ``paused_at`` and
-``expires_at`` (the record's own times) in microseconds.
+A run belongs to one of 16 groups, ``crc32(run_id) % 16`` written as two hex
+digits; ``{gg}`` is the hash tag of every key of the group -- the run's own
+keys and the indexes that list it. Each script therefore touches keys of a
+single hash slot: it runs unchanged on **Redis Cluster**, where the 16 groups
+spread over the primaries. ``'/'`` cannot occur in a run id, so no run's key is
+another run's suffixed key. A URL pointing at a cluster node opens a
+``RedisCluster`` client by itself (cluster mode has database 0 only); every
+primary should have the eviction policy and persistence described above, which
+are checked on the node the URL names.
+
+``count`` is one ``ZCARD`` per group in one pipeline (``stats`` one small script
+per group); ``list`` pages through each group's ``paused`` index with
+``ZSCAN``; recovery reads each group's ``inflight`` index up to the server's now
+and this host's ``owners`` sets -- never the whole keyspace (no ``KEYS``/
+``SCAN``). Times: lease expiry in server milliseconds, as asked of a lease; the
+pending index in server microseconds; ``paused_at`` and ``expires_at`` (the
+record's own times) in microseconds.
 
 Each script is called with one declared key, the run's record key, and derives
-the run's other keys (same hash tag) and the index keys from the prefix: one
+the run's other keys and its group's index keys from the group prefix: one
 declared key instead of nine saves a noticeable share of each round trip's
-cost in redis-py. This is one of the reasons **Redis Cluster is not supported**
-(and opening a cluster node is refused): a script there may only touch declared
-keys of one hash slot, while these scripts update one run's keys together with
-global indexes that live in other slots, and ``due_resumes`` derives run keys
-from the ids it reads. Supporting Cluster would need the indexes kept per slot
-(or updated outside the run's script, giving up the single atomic step). Run a
-single primary, with replicas and Sentinel for failover (pass a client made by
-``redis.sentinel.Sentinel`` as ``client=``).
+cost in redis-py. Redis Cluster allows a script to reach keys it did not
+declare when they are in the declared key's slot, which the shared hash tag
+guarantees. Sentinel works too: pass a client made by
+``redis.sentinel.Sentinel`` as ``client=``.
 
 Pass your own ``client=`` (a ``redis.Redis`` with ``decode_responses=False``) to
 control pooling or Sentinel. Give it no automatic retries
@@ -83,12 +92,14 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import hashlib
 import importlib
 import json
 import logging
 import os
 import socket
+import zlib
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from importlib import resources
@@ -111,7 +122,7 @@ from ..exceptions import (
 from ..model import Lease, Owner, PausedWorkflow, ResumeRequest, utcnow, validate_run_id
 from .base import DEFAULT_LEASE_SECONDS, CheckpointStore, RunInfo
 
-__all__ = ["RedisStore"]
+__all__ = ["RedisStore", "group_of"]
 
 logger = logging.getLogger("celery_checkpoint.store.redis")
 
@@ -122,6 +133,10 @@ _US = timedelta(microseconds=1)
 _MIN_VERSION = (5, 0)
 _PAGE = 100  # runs read per round trip by list()
 _DUE_BATCH = 500  # pending requests examined per script run by due_resumes()
+_CLUSTER_DB = (
+    "{} is a Redis Cluster node: cluster mode has database 0 only; drop the database from the URL"
+)
+_GROUPS = 16  # run groups, each one hash tag (part of the key layout: never change it)
 _ENDED_BY = frozenset({"repause", "release", "recovery", "cancel", "complete"})
 _STATUSES = frozenset({"paused", "cancelled", "expired", "failed", "completed"})
 _RESUME_STATUSES = frozenset({"pending", "failed"})
@@ -241,12 +256,13 @@ def _overlay(run: PausedWorkflow, ctl: dict[str, str]) -> None:
             setattr(run, name, value)
 
 
-def _lease_from(fields: dict[str, str]) -> Lease:
+def _lease_from(ctl: dict[str, str]) -> Lease:
+    """The lease held in a control hash's ``lease_*`` fields."""
     return Lease(
-        token=int(fields["token"]),
-        owner=Owner.model_validate_json(fields["owner"]),
-        claimed_at=_from_ms(int(fields["claimed"])),
-        expires_at=_from_ms(int(fields["expires"])),
+        token=int(ctl["lease_token"]),
+        owner=Owner.model_validate_json(ctl["lease_owner"]),
+        claimed_at=_from_ms(int(ctl["lease_claimed"])),
+        expires_at=_from_ms(int(ctl["lease_expires"])),
     )
 
 
@@ -336,22 +352,17 @@ class RedisStore(CheckpointStore):
         else:
             self._check_client(client)
         self._client: Any = client
-
-        base = self._base = f"{prefix}:"
-        self._k_paused = base + "paused"
-        self._k_inflight = base + "inflight"
-        self._k_pending = base + "pending"
-        self._k_deadlines = base + "deadlines"
-        self._run_prefix = base + "run:"
+        #: the key base of each run group; see "Key layout" in the module docstring
+        self._groups = [f"{prefix}:{{{g:02x}}}:" for g in range(_GROUPS)]
         self._owner: tuple[int, Owner, str] | None = None
 
         try:
-            self._check_server(eviction)
+            self._check_server(eviction, client_url if self._owns_client else None)
         except BaseException:
             self.close()
             raise
         self._scripts: dict[str, Any] = {
-            name: client.register_script(source) for name, source in _scripts_source().items()
+            name: self._client.register_script(source) for name, source in _scripts_source().items()
         }
 
     def __repr__(self) -> str:
@@ -375,11 +386,16 @@ class RedisStore(CheckpointStore):
                 retry.get_retries(),
             )
 
-    def _check_server(self, eviction: str) -> None:
+    def _check_server(self, eviction: str, client_url: str | None) -> None:
         redis = _import_redis()
-        with self._io("open", "*"):
-            self._client.ping()
-            info = self._client.info("server")
+        try:
+            with self._io("open", "*"):
+                self._client.ping()
+                info = self._client.info("server")
+        except StoreUnavailable as exc:
+            if isinstance(exc.cause, redis.ResponseError) and "cluster mode" in str(exc.cause):
+                raise ImproperlyConfigured(_CLUSTER_DB.format(self._display)) from exc
+            raise
         version = str(info.get("redis_version", "0"))
         parsed = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
         if parsed < _MIN_VERSION:
@@ -387,12 +403,13 @@ class RedisStore(CheckpointStore):
                 f"Redis {version} at {self._display} is too old for the checkpoint store: "
                 "it needs 5.0 or newer (scripts must replicate their effects)"
             )
-        if info.get("redis_mode") == "cluster":
-            raise ImproperlyConfigured(
-                f"{self._display} is a Redis Cluster node: the checkpoint store does not "
-                "support Redis Cluster yet (its scripts span hash slots); use a single "
-                "primary, with replicas and Sentinel for failover"
-            )
+        if info.get("redis_mode") == "cluster" and not self._is_cluster_client():
+            if client_url is None:
+                raise ImproperlyConfigured(
+                    f"{self._display} is a Redis Cluster node but the client given to the "
+                    "checkpoint store is not a cluster client: pass a redis.cluster.RedisCluster"
+                )
+            self._open_cluster(redis, client_url)
         try:
             with self._io("open", "*"):
                 policy = _text(self._client.config_get("maxmemory-policy")["maxmemory-policy"])
@@ -439,6 +456,27 @@ class RedisStore(CheckpointStore):
                 self._display,
             )
 
+    def _is_cluster_client(self) -> bool:
+        cluster = importlib.import_module("redis.cluster")
+        return isinstance(self._client, cluster.RedisCluster)
+
+    def _open_cluster(self, redis: Any, client_url: str) -> None:
+        """Replace the single-node client by a cluster client on the same URL."""
+        cluster = importlib.import_module("redis.cluster")
+        parts = urlsplit(client_url)
+        if parts.path.strip("/") not in ("", "0"):
+            raise ImproperlyConfigured(_CLUSTER_DB.format(self._display))
+        self._client.close()
+        retry_mod = importlib.import_module("redis.retry")
+        backoff = importlib.import_module("redis.backoff")
+        with self._io("open", "*"):
+            # No automatic retries: a transition whose reply was lost must not be
+            # re-sent behind the caller's back (redirections are still followed).
+            self._client = cluster.RedisCluster.from_url(
+                urlunsplit(parts._replace(path="")), retry=retry_mod.Retry(backoff.NoBackoff(), 0)
+            )
+        self._conn_errors = (*self._conn_errors, redis.exceptions.ClusterDownError)
+
     def close(self) -> None:
         if self._owns_client:
             with contextlib.suppress(Exception):
@@ -463,11 +501,16 @@ class RedisStore(CheckpointStore):
             result: T = self._read_retry.call_with_retry(do, lambda _error: None)
             return result
 
+    def _group(self, run_id: str) -> str:
+        """The key base of the run's group (its hash tag)."""
+        return self._groups[group_of(run_id)]
+
     def _run(self, script: str, action: str, run_id: str, *args: Any) -> builtins.list[Any]:
         """One transition: one script, one round trip, never retried."""
+        group = self._group(run_id)
         try:
             result: builtins.list[Any] = self._scripts[script](
-                keys=[f"{self._run_prefix}{{{run_id}}}"], args=[run_id, self._base, *args]
+                keys=[f"{group}run:{run_id}"], args=[run_id, group, *args]
             )
         except self._errors as exc:
             raise self._unavailable(action, run_id, exc) from exc
@@ -475,8 +518,8 @@ class RedisStore(CheckpointStore):
         return result
 
     def _key(self, run_id: str, suffix: str = "") -> str:
-        """A key of the run: its record (no suffix), ``:ctl``, ``:lease``, ``:ended``..."""
-        return f"{self._run_prefix}{{{run_id}}}{suffix}"
+        """A key of the run: its record (no suffix), ``/ctl``, ``/ended``..."""
+        return f"{self._group(run_id)}run:{run_id}{suffix}"
 
     def _default_owner(self) -> tuple[Owner, str]:
         pid = os.getpid()
@@ -496,22 +539,19 @@ class RedisStore(CheckpointStore):
         return run
 
     def _read_run(
-        self, action: str, run_id: str, *, ended: bool = False, with_lease: bool = False
-    ) -> tuple[bytes | None, dict[str, str], dict[str, str]]:
-        body_key = self._key(run_id, ":ended" if ended else "")
+        self, action: str, run_id: str, *, ended: bool = False
+    ) -> tuple[bytes | None, dict[str, str]]:
+        body_key = self._key(run_id, "/ended" if ended else "")
 
         def do() -> builtins.list[Any]:
             pipe = self._client.pipeline(transaction=True)
             pipe.get(body_key)
-            pipe.hgetall(body_key + ":ctl")
-            if with_lease:
-                pipe.hgetall(self._key(run_id, ":lease"))
+            pipe.hgetall(body_key + "/ctl")
             result: builtins.list[Any] = pipe.execute()
             return result
 
         reply = self._read(action, run_id, do)
-        lease = reply[2] if with_lease else {}
-        return reply[0], _decode_map(reply[1]), _decode_map(lease)
+        return reply[0], _decode_map(reply[1])
 
     def _quarantine(self, run_id: str, body: bytes | str, exc: CorruptCheckpoint) -> None:
         """Move a corrupt record aside to ``...:corrupt`` (unless it changed meanwhile)."""
@@ -522,7 +562,7 @@ class RedisStore(CheckpointStore):
             logger.warning("could not move corrupt checkpoint %s aside: %s", run_id, err)
             return
         if result[0] == "ok":
-            where = self._key(run_id, ":corrupt")
+            where = self._key(run_id, "/corrupt")
             logger.warning("moved corrupt checkpoint aside to %s: %s", where, exc)
 
     # -- the contract --------------------------------------------------------------
@@ -561,6 +601,8 @@ class RedisStore(CheckpointStore):
             ]
             if resume.error is not None:
                 fields += ["resume_error", resume.error]
+        if token is not None:
+            fields += ["ended_by", "repause"]  # after the record's own, so it wins
         result = self._run(
             "save",
             "save",
@@ -571,8 +613,7 @@ class RedisStore(CheckpointStore):
             _us(paused.paused_at),
             "" if paused.expires_at is None else _us(paused.expires_at),
             "" if resume is None else resume.status,
-            # Strings only (no numbers), so cjson.decode in the script is exact.
-            json.dumps(fields, ensure_ascii=False, separators=(",", ":")),
+            *fields,
         )
         if result[0] == "lost":
             raise LeaseLost(run_id, f"token {token} is not the current lease")
@@ -583,19 +624,19 @@ class RedisStore(CheckpointStore):
 
     def load(self, run_id: str) -> PausedWorkflow | None:
         validate_run_id(run_id)
-        body, ctl, _ = self._read_run("load", run_id)
+        body, ctl = self._read_run("load", run_id)
         return None if body is None else self._record(run_id, body, ctl)
 
     def lease(self, run_id: str) -> Lease | None:
         validate_run_id(run_id)
-        body, ctl, fields = self._read_run("lease", run_id, with_lease=True)
+        body, ctl = self._read_run("lease", run_id)
         run = None if body is None else self._record(run_id, body, ctl)
-        if not fields:
+        if run is None or "lease_token" not in ctl:
             return None
         try:
-            if run is not None and int(fields["token"]) <= run.last_token:
+            if int(ctl["lease_token"]) <= run.last_token:
                 return None  # superseded by a later write
-            return _lease_from(fields)
+            return _lease_from(ctl)
         except (ValidationError, ValueError, KeyError) as exc:
             raise CorruptCheckpoint(run_id, f"lease: {exc}") from exc
 
@@ -632,7 +673,8 @@ class RedisStore(CheckpointStore):
             with contextlib.suppress(StoreUnavailable):
                 self._run("release", "claim", run_id, token, "0", "0", "")
             raise
-        run.lease = Lease(
+        # Built without validation: every value is ours or the script's integers.
+        run.lease = Lease.model_construct(
             token=token,
             owner=owner,
             claimed_at=_from_ms(claimed_ms),
@@ -698,7 +740,13 @@ class RedisStore(CheckpointStore):
         )
         if result[0] != "ok":
             raise LeaseLost(run_id, f"token {token} is not the current lease")
-        return _lease_from(_ctl(result[1]))
+        _, owner, claimed, expires = result
+        return Lease(
+            token=token,
+            owner=Owner.model_validate_json(owner),
+            claimed_at=_from_ms(int(claimed)),
+            expires_at=_from_ms(int(expires)),
+        )
 
     def complete(self, run_id: str, *, token: int | None = None) -> None:
         validate_run_id(run_id)
@@ -728,29 +776,36 @@ class RedisStore(CheckpointStore):
 
     def recover_orphaned(self) -> builtins.list[PausedWorkflow]:
         recovered: builtins.list[PausedWorkflow] = []
+        host = socket.gethostname()
+        for group in self._groups:
+            self._recover_group(group, host, recovered)
+        return recovered
+
+    def _recover_group(
+        self, group: str, host: str, recovered: builtins.list[PausedWorkflow]
+    ) -> None:
+        """Re-arm the group's runs whose lease expired or whose owner on this host died."""
         expired = self._read(
             "recover_orphaned",
             "*",
-            lambda: self._scripts["due"](keys=[self._k_inflight], args=["", "ms"]),
+            lambda: self._scripts["due"](keys=[group + "inflight"], args=["", "ms"]),
         )
         seen: set[str] = set()
         for raw in expired:
             run_id = _text(raw)
             seen.add(run_id)
             self._rearm(run_id, "expired", "", "", recovered)
-        host = socket.gethostname()
-        mine = sorted(
-            {_text(m) for m in self._read("recover_orphaned", "*", lambda: self._members(host))}
-            - seen
+        members: set[Any] = self._read(
+            "recover_orphaned", "*", lambda: self._client.smembers(f"{group}owners:{host}")
         )
-        if not mine:
-            return recovered
-        ours = [run_id for run_id in mine if _valid(run_id)]
+        ours = sorted(run_id for run_id in ({_text(m) for m in members} - seen) if _valid(run_id))
+        if not ours:
+            return
 
         def leases() -> builtins.list[Any]:
             pipe = self._client.pipeline(transaction=False)
             for run_id in ours:
-                pipe.hmget(self._key(run_id, ":lease"), "token", "owner")
+                pipe.hmget(f"{group}run:{run_id}/ctl", "lease_token", "lease_owner")
             result: builtins.list[Any] = pipe.execute()
             return result
 
@@ -766,11 +821,6 @@ class RedisStore(CheckpointStore):
                 dead = False
             if dead:
                 self._rearm(run_id, "dead", int(token), host, recovered)
-        return recovered
-
-    def _members(self, host: str) -> set[Any]:
-        members: set[Any] = self._client.smembers(f"{self._base}owners:{host}")
-        return members
 
     def _rearm(
         self,
@@ -827,7 +877,7 @@ class RedisStore(CheckpointStore):
 
     def ended(self, run_id: str) -> PausedWorkflow | None:
         validate_run_id(run_id)
-        body, ctl, _ = self._read_run("ended", run_id, ended=True)
+        body, ctl = self._read_run("ended", run_id, ended=True)
         return None if body is None else self._record(run_id, body, ctl)
 
     def list(
@@ -839,31 +889,33 @@ class RedisStore(CheckpointStore):
     ) -> Iterator[RunInfo]:
         cutoff = None if older_than is None else utcnow() - timedelta(seconds=older_than)
         cutoff_us = None if cutoff is None else _us(cutoff)
-        seen: set[str] = set()  # ZSCAN may return a member twice while the set rehashes
-        cursor = 0
+        for group in self._groups:
+            seen: set[str] = set()  # ZSCAN may return a member twice while the set rehashes
+            cursor = 0
 
-        def scan() -> tuple[int, builtins.list[tuple[bytes, float]]]:
-            page: tuple[int, builtins.list[tuple[bytes, float]]]
-            page = self._client.zscan(self._k_paused, cursor, count=_PAGE)
-            return page
+            def scan() -> tuple[int, builtins.list[tuple[bytes, float]]]:
+                page: tuple[int, builtins.list[tuple[bytes, float]]]
+                page = self._client.zscan(group + "paused", cursor, count=_PAGE)  # noqa: B023
+                return page
 
-        while True:
-            cursor, page = self._read("list", "*", scan)
-            batch: builtins.list[str] = []
-            for member, score in page:
-                run_id = _text(member)
-                if run_id in seen or not _valid(run_id):
-                    continue
-                seen.add(run_id)
-                if cutoff_us is not None and score > cutoff_us:
-                    continue
-                batch.append(run_id)
-            yield from self._list_batch(batch, task, step, cutoff)
-            if int(cursor) == 0:
-                return
+            while True:
+                cursor, page = self._read("list", "*", scan)
+                batch: builtins.list[str] = []
+                for member, score in page:
+                    run_id = _text(member)
+                    if run_id in seen or not _valid(run_id):
+                        continue
+                    seen.add(run_id)
+                    if cutoff_us is not None and score > cutoff_us:
+                        continue
+                    batch.append(run_id)
+                yield from self._list_batch(group, batch, task, step, cutoff)
+                if int(cursor) == 0:
+                    break
 
     def _list_batch(
         self,
+        group: str,
         batch: builtins.list[str],
         task: str | None,
         step: str | None,
@@ -873,26 +925,25 @@ class RedisStore(CheckpointStore):
             return
 
         def do() -> builtins.list[Any]:
-            pipe = self._client.pipeline(transaction=True)
+            pipe = self._client.pipeline(transaction=True)  # one group: one hash slot
             for run_id in batch:
-                key = self._key(run_id)
+                key = f"{group}run:{run_id}"
                 pipe.get(key)
-                pipe.hgetall(key + ":ctl")
-                pipe.hgetall(key + ":lease")
+                pipe.hgetall(key + "/ctl")
             result: builtins.list[Any] = pipe.execute()
             return result
 
         reply = self._read("list", "*", do)
         for i, run_id in enumerate(batch):
-            body, ctl, fields = reply[3 * i], reply[3 * i + 1], reply[3 * i + 2]
+            body, raw_ctl = reply[2 * i], reply[2 * i + 1]
             if body is None:
                 continue  # completed or cancelled while we listed
             try:
-                run = self._record(run_id, body, _decode_map(ctl))
-                lease_fields = _decode_map(fields)
+                ctl = _decode_map(raw_ctl)
+                run = self._record(run_id, body, ctl)
                 lease = None
-                if lease_fields and int(lease_fields["token"]) > run.last_token:
-                    lease = _lease_from(lease_fields)
+                if "lease_token" in ctl and int(ctl["lease_token"]) > run.last_token:
+                    lease = _lease_from(ctl)
             except (CorruptCheckpoint, ValidationError, ValueError, KeyError) as exc:
                 err = (
                     exc
@@ -911,51 +962,61 @@ class RedisStore(CheckpointStore):
             yield RunInfo(run=run, lease=lease)
 
     def count(self) -> int:
-        result: int = self._read("count", "*", lambda: self._client.zcard(self._k_paused))
-        return result
+        def do() -> int:
+            pipe = self._client.pipeline(transaction=False)
+            for group in self._groups:
+                pipe.zcard(group + "paused")
+            return sum(int(n) for n in pipe.execute())
+
+        return self._read("count", "*", do)
 
     def stats(self) -> dict[str, int]:
-        """Counted from the indexes in one script: cheap with any number of runs."""
-        runs, in_flight, pending, due = self._read(
-            "stats",
-            "*",
-            lambda: self._scripts["stats"](
-                keys=[self._k_paused, self._k_inflight, self._k_pending, self._k_deadlines]
-            ),
-        )
+        """Counted from the indexes, one small script per group: cheap with any number of runs."""
+        totals = [0, 0, 0, 0]
+        for group in self._groups:
+            keys = [group + name for name in ("paused", "inflight", "pending", "deadlines")]
+            counts = self._read("stats", "*", functools.partial(self._scripts["stats"], keys))
+            totals = [total + int(n) for total, n in zip(totals, counts, strict=True)]
+        runs, in_flight, pending, due = totals
         return {
-            "runs": int(runs),
-            "paused": int(runs) - int(in_flight),
-            "in_flight": int(in_flight),
-            "pending_resumes": int(pending),
-            "due_timeouts": int(due),
+            "runs": runs,
+            "paused": runs - in_flight,
+            "in_flight": in_flight,
+            "pending_resumes": pending,
+            "due_timeouts": due,
         }
 
     def due_resumes(self, older_than: float) -> builtins.list[str]:
         due: builtins.list[str] = []
-        bound: int | str = ""
-        while True:
-            with self._io("due_resumes", "*"):
-                now, used, examined, ids = self._scripts["due_resumes"](
-                    keys=[self._k_pending],
-                    args=[bound, round(older_than * 1_000_000), _DUE_BATCH, self._run_prefix],
-                )
-            due.extend(_text(run_id) for run_id in ids)
-            if int(examined) < _DUE_BATCH:
-                return [run_id for run_id in due if _valid(run_id)]
-            if bound == "":
-                # Later batches stay below the first one's time (server us), so a
-                # request marked sent by this sweep is never examined again by it.
-                bound = min(int(used), int(now) - 1)
+        for group in self._groups:
+            bound: int | str = ""
+            while True:
+                with self._io("due_resumes", "*"):
+                    now, used, examined, ids = self._scripts["due_resumes"](
+                        keys=[group + "pending"],
+                        args=[bound, round(older_than * 1_000_000), _DUE_BATCH, group + "run:"],
+                    )
+                due.extend(_text(run_id) for run_id in ids)
+                if int(examined) < _DUE_BATCH:
+                    break
+                if bound == "":
+                    # Later batches stay below the first one's time (server us), so a
+                    # request marked sent by this sweep is never examined again by it.
+                    bound = min(int(used), int(now) - 1)
+        return [run_id for run_id in due if _valid(run_id)]
 
     def due_timeouts(self, now: datetime | None = None) -> builtins.list[str]:
         bound = "" if now is None else _us(now)
-        ids = self._read(
-            "due_timeouts",
-            "*",
-            lambda: self._scripts["due"](keys=[self._k_deadlines], args=[bound, "us"]),
-        )
+        ids: builtins.list[Any] = []
+        for group in self._groups:
+            due = functools.partial(self._scripts["due"], [group + "deadlines"], [bound, "us"])
+            ids += self._read("due_timeouts", "*", due)
         return [run_id for run_id in (_text(raw) for raw in ids) if _valid(run_id)]
+
+
+def group_of(run_id: str) -> int:
+    """The group of a run: its keys are ``<prefix>:{<group as 2 hex digits>}:...``."""
+    return zlib.crc32(run_id.encode()) % _GROUPS
 
 
 def _decode_map(raw: Any) -> dict[str, str]:

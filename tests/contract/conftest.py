@@ -2,8 +2,9 @@
 
 Every test that asks for ``store`` or ``store_factory`` runs once per backend:
 ``[file]`` on a fresh directory, ``[redis]`` under a fresh key prefix in
-database 15 of ``127.0.0.1:6379``. A backend is done when this suite passes
-unchanged.
+database 15 of ``127.0.0.1:6379``, and ``[redis-cluster]`` under a fresh key
+prefix on a private three-primary Redis Cluster started once per session. A
+backend is done when this suite passes unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def _redis_backend_built() -> bool:
     params=[
         pytest.param("file", id="file"),
         pytest.param("redis", id="redis", marks=pytest.mark.redis),
+        pytest.param("redis-cluster", id="redis-cluster", marks=pytest.mark.redis),
     ]
 )
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
@@ -41,23 +43,20 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
         factory.close_all()
         return
 
-    require_server("Redis", "127.0.0.1", 6379)
     if not _redis_backend_built():
         pytest.skip("redis backend not built yet")
-    import redis
-
+    if request.param == "redis-cluster":
+        url = request.getfixturevalue("redis_cluster").url
+    else:
+        require_server("Redis", "127.0.0.1", 6379)
+        url = REDIS_URL
     prefix = f"cc-test-{uuid4().hex}"
-    factory = StoreFactory("redis", REDIS_URL, {"prefix": prefix})
+    factory = StoreFactory("redis", url, {"prefix": prefix})
     try:
         yield factory
     finally:
         factory.close_all()
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            for key in client.scan_iter(match=prefix + "*"):
-                client.delete(key)
-        finally:
-            client.close()
+        factory.delete_matching(prefix + "*")
 
 
 @pytest.fixture

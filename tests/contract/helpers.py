@@ -53,6 +53,37 @@ class StoreFactory:
         assert self.backend == "redis", "only the redis backend has a key prefix"
         return str(self.options["prefix"])
 
+    def redis_client(self) -> Any:
+        """A plain client on the store's server: a cluster client if it is a cluster."""
+        import redis
+        import redis.cluster
+
+        client = redis.Redis.from_url(self.target)
+        try:
+            if client.info("server").get("redis_mode") != "cluster":
+                return client
+        except BaseException:
+            client.close()
+            raise
+        client.close()
+        return redis.cluster.RedisCluster.from_url(self.target)
+
+    def scan_keys(self, pattern: str) -> list[bytes]:
+        """Every key matching ``pattern``, on every node (redis backend only)."""
+        client = self.redis_client()
+        try:
+            return list(client.scan_iter(match=pattern, count=1000))
+        finally:
+            client.close()
+
+    def delete_matching(self, pattern: str) -> None:
+        client = self.redis_client()
+        try:
+            for key in client.scan_iter(match=pattern, count=1000):
+                client.delete(key)
+        finally:
+            client.close()
+
     def close_all(self) -> None:
         while self._opened:
             self._opened.pop().close()

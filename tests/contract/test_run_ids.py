@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celery_checkpoint import CheckpointStore, InvalidRunId
-from tests.contract.helpers import REDIS_URL, StoreFactory, make_run, snapshot_tree
+from tests.contract.helpers import StoreFactory, make_run, snapshot_tree
 
 # The rule of DESIGN.md, written out independently of the model's own regex.
 ALLOWED = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}")
@@ -97,13 +97,7 @@ class Witness:
         return self._scan(f"*{marker}*")
 
     def _scan(self, pattern: str) -> list[bytes]:
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        try:
-            return list(client.scan_iter(match=pattern, count=1000))
-        finally:
-            client.close()
+        return self.factory.scan_keys(pattern)
 
 
 def _escape_paths(root: Path, run_id: str) -> list[str]:

@@ -27,6 +27,7 @@ from uuid import uuid4
 
 import pytest
 import redis
+import redis.cluster
 
 from celery_checkpoint import (
     CheckpointStore,
@@ -36,7 +37,9 @@ from celery_checkpoint import (
     StoreUnavailable,
 )
 from celery_checkpoint.model import utcnow
+from celery_checkpoint.store.redis import group_of
 from tests.conftest import IN_CI, require_server
+from tests.redis_cluster import RedisCluster
 
 SHARED_URL = "redis://127.0.0.1:6379/15"
 CLAIMERS = 8
@@ -201,7 +204,7 @@ def test_eight_processes_racing_claims_on_500_runs_claim_each_run_exactly_once(
     assert store.count() == RUNS
     client = redis.Redis.from_url(SHARED_URL)
     try:
-        assert client.zcard(f"{shared_prefix}:inflight") == RUNS
+        assert sum(client.zcard(k) for k in _group_keys(shared_prefix, "inflight")) == RUNS
     finally:
         client.close()
     # The claimers have exited: their owners are proved dead on this host.
@@ -209,7 +212,7 @@ def test_eight_processes_racing_claims_on_500_runs_claim_each_run_exactly_once(
     assert store.recover_orphaned() == []
     client = redis.Redis.from_url(SHARED_URL)
     try:
-        assert client.zcard(f"{shared_prefix}:inflight") == 0
+        assert sum(client.zcard(k) for k in _group_keys(shared_prefix, "inflight")) == 0
     finally:
         client.close()
     store.close()
@@ -348,44 +351,59 @@ class Stream(threading.Thread):
             time.sleep(0.01)
 
 
+def _run_key(prefix: str, run_id: str, suffix: str = "") -> str:
+    return f"{prefix}:{{{group_of(run_id):02x}}}:run:{run_id}{suffix}"
+
+
+def _group_keys(prefix: str, name: str) -> list[str]:
+    return [f"{prefix}:{{{g:02x}}}:{name}" for g in range(16)]
+
+
 def _audit_indexes(url: str, prefix: str) -> None:
     """No half transition anywhere: every index agrees with the keys it indexes."""
     client = redis.Redis.from_url(url)
     try:
         keys = {k.decode() for k in client.scan_iter(match=prefix + "*", count=1000)}
-        run_prefix = f"{prefix}:run:"
         runs = {
-            k[len(run_prefix) + 1 : -1] for k in keys if k.startswith(run_prefix) and k[-1] == "}"
+            k.split(":run:", 1)[1] for k in keys if ":run:" in k and "/" not in k.split(":run:")[1]
         }
-        leases = {k[len(run_prefix) + 1 : -len("}:lease")] for k in keys if k.endswith("}:lease")}
-        ended = {k[len(run_prefix) + 1 : -len("}:ended")] for k in keys if k.endswith("}:ended")}
+        ended = {k.split(":run:", 1)[1][: -len("/ended")] for k in keys if k.endswith("/ended")}
 
-        def members(key: str) -> dict[str, float]:
-            return {m.decode(): s for m, s in client.zrange(key, 0, -1, withscores=True)}
+        def members(name: str) -> dict[str, float]:
+            found: dict[str, float] = {}
+            for key in _group_keys(prefix, name):
+                found.update({m.decode(): s for m, s in client.zrange(key, 0, -1, withscores=True)})
+            return found
 
-        paused = members(f"{prefix}:paused")
-        inflight = members(f"{prefix}:inflight")
-        pending = members(f"{prefix}:pending")
-        deadlines = members(f"{prefix}:deadlines")
-        owners = {m.decode() for m in client.smembers(f"{prefix}:owners:{socket.gethostname()}")}
+        paused = members("paused")
+        inflight = members("inflight")
+        pending = members("pending")
+        deadlines = members("deadlines")
+        owners = {
+            m.decode()
+            for key in _group_keys(prefix, f"owners:{socket.gethostname()}")
+            for m in client.smembers(key)
+        }
+        ctls = {
+            run_id: {
+                k.decode(): v.decode()
+                for k, v in client.hgetall(_run_key(prefix, run_id, "/ctl")).items()
+            }
+            for run_id in runs
+        }
+        leases = {run_id for run_id, ctl in ctls.items() if "lease_token" in ctl}
 
         assert set(paused) == runs, "every record is in the paused index, and only records"
         assert set(inflight) == leases, "every in-flight member has a lease, every lease is indexed"
-        assert leases <= runs, "no lease without its record"
-        assert owners == leases, "the per-host set lists exactly the claimed runs"
-        for run_id in runs:
-            ctl = {
-                k.decode(): v.decode()
-                for k, v in client.hgetall(f"{run_prefix}{{{run_id}}}:ctl").items()
-            }
+        assert owners == leases, "the per-host sets list exactly the claimed runs"
+        for run_id, ctl in ctls.items():
             assert ctl, f"{run_id}: record without its control fields"
             has_lease = run_id in leases
             expect_pending = ctl.get("resume_status") == "pending" and not has_lease
             assert (run_id in pending) == expect_pending, f"{run_id}: pending index disagrees"
             assert (run_id in deadlines) == (ctl["step"] == "s1"), f"{run_id}: deadline index"
-        for run_id in leases:
-            lease = client.hgetall(f"{run_prefix}{{{run_id}}}:lease")
-            assert int(lease[b"expires"]) == inflight[run_id], f"{run_id}: in-flight score"
+            if has_lease:
+                assert int(ctl["lease_expires"]) == inflight[run_id], f"{run_id}: in-flight score"
         assert not (ended & runs), "an ended run is not also paused"
         assert set(pending) <= runs and set(deadlines) <= runs
     finally:
@@ -472,7 +490,7 @@ def test_the_key_prefix_may_come_from_the_url(shared_prefix: str) -> None:
     store.save(_record("r1"))
     client = redis.Redis.from_url(SHARED_URL)
     try:
-        assert client.exists(f"{shared_prefix}:run:{{r1}}") == 1
+        assert client.exists(_run_key(shared_prefix, "r1")) == 1
         keys = [k.decode() for k in client.scan_iter(match=f"{shared_prefix}*")]
         assert keys and all(k.startswith(f"{shared_prefix}:") for k in keys)
     finally:
@@ -491,7 +509,7 @@ def test_a_corrupt_record_raises_for_its_run_only_and_listing_moves_it_aside(
     store.save(_record("bad"))
     client = redis.Redis.from_url(SHARED_URL)
     try:
-        client.set(f"{shared_prefix}:run:{{bad}}", b"\x00{not json")
+        client.set(_run_key(shared_prefix, "bad"), b"\x00{not json")
         with pytest.raises(CorruptCheckpoint):
             store.load("bad")
         with pytest.raises(CorruptCheckpoint):
@@ -502,10 +520,60 @@ def test_a_corrupt_record_raises_for_its_run_only_and_listing_moves_it_aside(
             store.load("bad")
 
         assert [info.run.run_id for info in store.list()] == ["good"]
-        assert client.get(f"{shared_prefix}:run:{{bad}}:corrupt") == b"\x00{not json"
+        assert client.get(_run_key(shared_prefix, "bad", "/corrupt")) == b"\x00{not json"
         assert store.load("bad") is None
         assert store.count() == 1
         assert store.claim("good") is not None
     finally:
         client.close()
         store.close()
+
+
+# -- Redis Cluster ---------------------------------------------------------------------
+
+
+def test_on_a_cluster_each_script_stays_in_one_slot_and_the_groups_use_every_primary(
+    redis_cluster: RedisCluster,
+) -> None:
+    prefix = f"cc-cluster-{uuid4().hex[:8]}"
+    store = CheckpointStore.open(redis_cluster.url, prefix=prefix)
+    client = redis.cluster.RedisCluster.from_url(redis_cluster.url)
+    try:
+        run_ids = [f"order-{i}" for i in range(64)]
+        for run_id in run_ids:
+            store.save(_record(run_id))
+        claimed = [run_id for run_id in run_ids[:32] if store.claim(run_id) is not None]
+        assert claimed == run_ids[:32]
+        store.request_resume(run_ids[40], {"ok": True}, request_id="r1")
+
+        for run_id in run_ids:
+            group = f"{prefix}:{{{group_of(run_id):02x}}}:"
+            keys = [_run_key(prefix, run_id), _run_key(prefix, run_id, "/ctl")]
+            keys += [group + name for name in ("paused", "inflight", "pending", "deadlines")]
+            assert len({client.keyslot(key) for key in keys}) == 1, run_id
+        nodes = {client.get_node_from_key(f"{prefix}:{{{g:02x}}}:paused").name for g in range(16)}
+        assert len(nodes) == len(redis_cluster.ports), "the 16 groups spread over every primary"
+        assert store.count() == 64
+        assert store.stats()["in_flight"] == 32
+        assert store.due_resumes(0) == [run_ids[40]]
+        assert sorted(info.run.run_id for info in store.list()) == sorted(run_ids)
+        # The claimers (this process) are alive: nothing is orphaned yet.
+        assert store.recover_orphaned() == []
+    finally:
+        store.close()
+        for key in client.scan_iter(match=prefix + "*"):
+            client.delete(key)
+        client.close()
+
+
+def test_a_single_node_client_on_a_cluster_is_refused_naming_the_fix(
+    redis_cluster: RedisCluster,
+) -> None:
+    client = redis.Redis.from_url(redis_cluster.url)
+    try:
+        with pytest.raises(ImproperlyConfigured, match=r"pass a redis\.cluster\.RedisCluster"):
+            CheckpointStore.open(redis_cluster.url, client=client)
+    finally:
+        client.close()
+    with pytest.raises(ImproperlyConfigured, match="database 0 only"):
+        CheckpointStore.open(redis_cluster.url.replace("/0", "/3"))

@@ -47,24 +47,17 @@ class RedisCluster:
         """A URL naming one node; the store discovers the others."""
         return f"redis://127.0.0.1:{self.ports[0]}/0"
 
+    persistence: list[str] = field(default_factory=lambda: ["--appendonly", "no"])
+
     def start(self, primaries: int = 3) -> None:
         for _ in range(primaries):
             port = _free_port()
-            node_dir = self.directory / str(port)
-            node_dir.mkdir(parents=True)
-            log = open(node_dir / "server.log", "ab")  # noqa: SIM115 - the server owns it
-            args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port)]
-            args += ["--dir", str(node_dir), "--save", "", "--appendonly", "no"]
-            args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-            args += ["--cluster-node-timeout", "5000"]
-            self.processes.append(subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT))
-            log.close()
+            (self.directory / str(port)).mkdir(parents=True)
             self.ports.append(port)
+            self.processes.append(self._spawn(port))
         deadline = time.monotonic() + START_TIMEOUT
         for port in self.ports:
-            while self._cli(port, "ping").stdout.strip() != "PONG":
-                self._check(deadline, f"node {port} did not start")
-                time.sleep(0.05)
+            self._wait_ping(port, deadline)
         nodes = [f"127.0.0.1:{port}" for port in self.ports]
         created = subprocess.run(
             [
@@ -83,6 +76,39 @@ class RedisCluster:
         if created.returncode != 0:
             self.stop()
             pytest.fail(f"redis-cli --cluster create failed:\n{created.stdout}{created.stderr}")
+        self.wait_ok(deadline)
+
+    def _spawn(self, port: int) -> subprocess.Popen[bytes]:
+        node_dir = self.directory / str(port)
+        log = open(node_dir / "server.log", "ab")  # noqa: SIM115 - the server owns it
+        args = ["redis-server", "--bind", "127.0.0.1", "--port", str(port)]
+        args += ["--dir", str(node_dir), "--save", "", *self.persistence]
+        args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        args += ["--cluster-node-timeout", "5000"]
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        return process
+
+    def _wait_ping(self, port: int, deadline: float) -> None:
+        while self._cli(port, "ping").stdout.strip() != "PONG":
+            self._check(deadline, f"node {port} did not start")
+            time.sleep(0.05)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one primary: no shutdown, no final fsync -- a crash."""
+        process = self.processes[self.ports.index(port)]
+        process.kill()
+        process.wait()
+
+    def restart(self, port: int) -> None:
+        """Start a killed primary again on its port and directory; wait for the cluster."""
+        index = self.ports.index(port)
+        self.processes[index] = self._spawn(port)
+        deadline = time.monotonic() + START_TIMEOUT
+        self._wait_ping(port, deadline)
+        self.wait_ok(deadline)
+
+    def wait_ok(self, deadline: float) -> None:
         for port in self.ports:
             while "cluster_state:ok" not in self._cli(port, "cluster", "info").stdout:
                 self._check(deadline, f"node {port} never saw the cluster as ok")
@@ -112,8 +138,11 @@ class RedisCluster:
                 process.wait()
 
 
-def start_cluster(directory: Path) -> RedisCluster:
-    """A running three-primary cluster; skips (locally) or fails (CI) without the binaries."""
+def start_cluster(directory: Path, *persistence: str) -> RedisCluster:
+    """A running three-primary cluster; skips (locally) or fails (CI) without the binaries.
+
+    ``persistence``: redis-server options replacing the default ``--appendonly no``.
+    """
     missing = [tool for tool in ("redis-server", "redis-cli") if shutil.which(tool) is None]
     if missing:
         message = f"{' and '.join(missing)} not on PATH: cannot start a Redis Cluster"
@@ -121,5 +150,7 @@ def start_cluster(directory: Path) -> RedisCluster:
             pytest.fail(f"{message}; CI needs it", pytrace=False)
         pytest.skip(message)
     cluster = RedisCluster(directory)
+    if persistence:
+        cluster.persistence = list(persistence)
     cluster.start()
     return cluster

@@ -329,7 +329,11 @@ class RedisStore(CheckpointStore):
             )
         self.prefix = prefix
         self._display = _redact(url)
-        self._errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._errors: tuple[type[BaseException], ...] = (
+            redis.RedisError,
+            redis.exceptions.RedisClusterException,
+            OSError,
+        )
         self._conn_errors: tuple[type[BaseException], ...] = (
             redis.ConnectionError,
             redis.TimeoutError,

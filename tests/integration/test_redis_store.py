@@ -39,7 +39,7 @@ from celery_checkpoint import (
 from celery_checkpoint.model import utcnow
 from celery_checkpoint.store.redis import group_of
 from tests.conftest import IN_CI, require_server
-from tests.redis_cluster import RedisCluster
+from tests.redis_cluster import RedisCluster, start_cluster
 
 SHARED_URL = "redis://127.0.0.1:6379/15"
 CLAIMERS = 8
@@ -577,3 +577,59 @@ def test_a_single_node_client_on_a_cluster_is_refused_naming_the_fix(
         client.close()
     with pytest.raises(ImproperlyConfigured, match="database 0 only"):
         CheckpointStore.open(redis_cluster.url.replace("/0", "/3"))
+
+
+@pytest.mark.slow
+def test_a_cluster_primary_killed_and_restarted_loses_nothing_and_applies_nothing_half(
+    tmp_path: Path,
+) -> None:
+    cluster = start_cluster(tmp_path / "cluster", "--appendonly", "yes", "--appendfsync", "always")
+    prefix = f"cc-cluster-kill-{uuid4().hex[:8]}"
+    store = CheckpointStore.open(cluster.url, prefix=prefix, lease_seconds=3600)
+    probe = redis.cluster.RedisCluster.from_url(cluster.url)
+    try:
+        run_ids = [f"run-{i}" for i in range(48)]
+        for run_id in run_ids:
+            store.save(_record(run_id))
+
+        def port_of(run_id: str) -> int:
+            return int(probe.get_node_from_key(_run_key(prefix, run_id)).port)
+
+        victim = port_of(run_ids[0])
+        on_victim = {run_id for run_id in run_ids if port_of(run_id) == victim}
+        cluster.kill(victim)
+        outcome: dict[str, str] = {}
+        for run_id in run_ids:
+            try:
+                outcome[run_id] = "claimed" if store.claim(run_id) is not None else "none"
+            except StoreUnavailable:
+                outcome[run_id] = "unavailable"
+        assert {outcome[run_id] for run_id in on_victim} == {"unavailable"}
+        assert "none" not in outcome.values(), "no claim lost to a half-applied earlier one"
+
+        cluster.restart(victim)
+        after = CheckpointStore.open(cluster.url, prefix=prefix)
+        try:
+            for run_id in run_ids:
+                run = after.load(run_id)
+                assert run is not None, f"{run_id}: an acknowledged save was lost"
+                held = after.lease(run_id) is not None
+                assert held == (outcome[run_id] == "claimed"), f"{run_id}: {outcome[run_id]}"
+            assert after.count() == len(run_ids)
+            assert after.stats()["in_flight"] == list(outcome.values()).count("claimed")
+        finally:
+            after.close()
+        # The store that saw the failure works again once the cluster is whole.
+        for run_id in sorted(on_victim):
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert store.claim(run_id) is not None
+                    break
+                except StoreUnavailable:
+                    assert time.monotonic() < deadline, "the store never reached the node again"
+                    time.sleep(0.2)
+    finally:
+        store.close()
+        probe.close()
+        cluster.stop()

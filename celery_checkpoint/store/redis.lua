@@ -283,17 +283,23 @@ return {'ok', body, ctl_json(K_CTL)}
 local body = redis.call('GET', K_RUN)
 if not body or redis.sha1hex(body) ~= ARGV[3] then return {'changed'} end
 local host = redis.call('HGET', K_CTL, 'lease_host')
-redis.call('RENAME', K_RUN, K_RUN .. '/corrupt')
+-- Never overwrite evidence of an earlier corruption: /corrupt, then /corrupt.1, ...
+local dst, n = K_RUN .. '/corrupt', 0
+while redis.call('EXISTS', dst) == 1 do
+  n = n + 1
+  dst = K_RUN .. '/corrupt.' .. n
+end
+redis.call('RENAME', K_RUN, dst)
 if redis.call('EXISTS', K_CTL) == 1 then
-  redis.call('RENAME', K_CTL, K_RUN .. '/corrupt/ctl')
+  redis.call('RENAME', K_CTL, dst .. '/ctl')
 else
-  redis.call('DEL', K_RUN .. '/corrupt/ctl')
+  redis.call('DEL', dst .. '/ctl')
 end
 redis.call('ZREM', K_PAUSED, ID)
 redis.call('ZREM', K_PENDING, ID)
 redis.call('ZREM', K_DEADLINES, ID)
 drop_lease(host, false)
-return {'ok'}
+return {'ok', dst}
 
 --- @due_resumes
 -- KEYS: 1 a group's pending index (scored by when last sent, server us).

@@ -49,7 +49,8 @@ Key layout (``P`` is the prefix; ``G`` the run's group, ``P:{gg}:``)::
                             lease_owner, lease_host, lease_claimed, lease_expires)
     G:run:<id>/ended        (+ ``/ended/ctl``) a completed, cancelled, expired or
                             failed run
-    G:run:<id>/corrupt      (+ ``/corrupt/ctl``) an unparsable record moved aside
+    G:run:<id>/corrupt      (+ ``/corrupt/ctl``) an unparsable record moved aside; a
+                            later one goes to ``/corrupt.1``, ``/corrupt.2``...
     G:paused                ZSET of the group's runs (paused or in flight) by paused_at (us)
     G:inflight              ZSET of the group's claimed runs by lease expiry (server ms)
     G:owners:<host>         SET of the group's runs claimed by workers on <host>
@@ -566,8 +567,7 @@ class RedisStore(CheckpointStore):
             logger.warning("could not move corrupt checkpoint %s aside: %s", run_id, err)
             return
         if result[0] == "ok":
-            where = self._key(run_id, "/corrupt")
-            logger.warning("moved corrupt checkpoint aside to %s: %s", where, exc)
+            logger.warning("moved corrupt checkpoint aside to %s: %s", _text(result[1]), exc)
 
     # -- the contract --------------------------------------------------------------
 

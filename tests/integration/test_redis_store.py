@@ -524,6 +524,13 @@ def test_a_corrupt_record_raises_for_its_run_only_and_listing_moves_it_aside(
         assert store.load("bad") is None
         assert store.count() == 1
         assert store.claim("good") is not None
+
+        # A second corruption of the same run keeps the first copy.
+        store.save(_record("bad"))
+        client.set(_run_key(shared_prefix, "bad"), b"second")
+        assert [info.run.run_id for info in store.list()] == ["good"]
+        assert client.get(_run_key(shared_prefix, "bad", "/corrupt")) == b"\x00{not json"
+        assert client.get(_run_key(shared_prefix, "bad", "/corrupt.1")) == b"second"
     finally:
         client.close()
         store.close()

@@ -67,14 +67,22 @@ def store_kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-def make_settings(broker: str, store_kind: str, tmp_path: Path, **options: Any) -> Settings:
+def make_settings(
+    broker: str,
+    store_kind: str,
+    tmp_path: Path,
+    *,
+    redis_store_url: str = REDIS_URL,
+    **options: Any,
+) -> Settings:
+    """``store_kind`` "file", or a Redis store at ``redis_store_url`` (a cluster node too)."""
     prefix = f"cc-it-{uuid4().hex[:12]}"
     markers = tmp_path / "markers"
     markers.mkdir()
     if store_kind == "file":
         store = str(tmp_path / "store")
     else:
-        store = f"{REDIS_URL}?prefix={prefix}:store:"
+        store = f"{redis_store_url}?prefix={prefix}:store:"
     return Settings(
         broker=broker,
         backend=REDIS_URL,

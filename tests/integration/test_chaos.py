@@ -1,8 +1,10 @@
 """Chaos: SIGKILL the worker running a resumed body, over and over.
 
-Two prefork workers share one Redis-broker queue with late acks, a 2 s lease,
-a 0.5 s recovery timer and an 8 s visibility timeout, so every copy of a run
-that can exist does: the re-armed resume the survivor's recovery re-sends, and
+On the file store, the Redis store and the Redis store on a private
+three-primary Redis Cluster, two prefork workers share one Redis-broker queue
+with late acks, a 2 s lease, a 0.5 s recovery timer and an 8 s visibility
+timeout, so every copy of a run that can exist does: the re-armed resume the
+survivor's recovery re-sends, and
 the broker's redelivery of the killed worker's unacknowledged message. Each
 round pauses a run, resumes it, waits until its body has started, kills the
 whole process group of the worker running it, and expects the survivor to
@@ -27,7 +29,7 @@ import pytest
 
 from celery_checkpoint import PAUSED, Checkpoints
 from tests.conftest import require_server
-from tests.integration.conftest import REDIS_URL, Workers, make_settings
+from tests.integration.conftest import REDIS_URL, Workers, make_settings, redis_store_missing
 from tests.integration.helpers import (
     Worker,
     delete_redis_keys,
@@ -43,14 +45,28 @@ ROUNDS = 10
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 
+@pytest.fixture(params=["file", "redis", "redis-cluster"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    """The file store, the Redis store, and the Redis store on a three-primary cluster."""
+    if request.param != "file":
+        missing = redis_store_missing()
+        if missing:
+            pytest.skip(f"Redis checkpoint store not tested: {missing}")
+    return str(request.param)
+
+
 @pytest.fixture
-def settings(store_kind: str, tmp_path: Path) -> Iterator[Settings]:
+def settings(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Settings]:
     """Redis broker, late acks, short leases, fast recovery, quick redelivery."""
     require_server("Redis", "127.0.0.1", 6379)
+    store_url = REDIS_URL
+    if store_kind == "redis-cluster":
+        store_url = request.getfixturevalue("redis_cluster").url
     settings = make_settings(
         REDIS_URL,
         store_kind,
         tmp_path,
+        redis_store_url=store_url,
         lease_seconds=2.0,
         recovery_interval=0.5,
         acks_late=True,

@@ -11,6 +11,7 @@ entry point); ``-A`` names the app, whose ``Checkpoints`` store is used
     celery -A proj checkpoint cancel RUN_ID [--reason TEXT] [--json]
     celery -A proj checkpoint recover [--json]
     celery -A proj checkpoint stats [--json]
+    celery -A proj checkpoint prune --older-than 30d [--json]
 
 ``list`` streams: it prints each run as it reads it, so it starts at once and
 keeps its memory flat over any number of paused runs. ``--json`` prints one
@@ -525,3 +526,28 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     for key, label in labels:
         if key in counts:
             click.echo(f"{label:<16} {counts[key]:>8}")
+
+
+@checkpoint.command()
+@click.option(
+    "--older-than",
+    type=_Duration(),
+    required=True,
+    metavar="DURATION",
+    help="Delete runs that ended longer ago than this (e.g. 30d); required.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the count as JSON.")
+@click.pass_context
+def prune(ctx: click.Context, older_than: float, as_json: bool) -> None:
+    """Delete the records of runs that ended (completed, cancelled, expired, failed).
+
+    Ended records recognise late messages for finished runs; prune only past
+    the broker's visibility timeout and the tasks' retries.
+    """
+    store = _checkpoints(ctx).store
+    with _errors():
+        pruned = store.prune_ended(older_than)
+    if as_json:
+        _echo({"pruned": pruned, "older_than_seconds": older_than})
+    else:
+        click.echo(f"pruned {pruned} ended runs that ended over {_span(older_than)} ago")

@@ -181,6 +181,18 @@ class CheckpointStore(abc.ABC):
         """The record of a cancelled, expired or failed run, or None."""
 
     @abc.abstractmethod
+    def prune_ended(self, older_than: float) -> int:
+        """Delete the records of runs that ended (completed, cancelled, expired,
+        failed) over ``older_than`` seconds ago; return how many.
+
+        An ended record is what recognises a late message for a finished run: a
+        redelivered first execution, a repeated resume, a stale lease holder.
+        Prune only past the point where none can still arrive (the broker's
+        visibility timeout, the task's retries), or such a message starts the
+        run afresh. Paused and in-flight runs and corrupt copies are never touched.
+        """
+
+    @abc.abstractmethod
     def list(
         self,
         *,

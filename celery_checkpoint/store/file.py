@@ -6,7 +6,8 @@ Layout under the store directory::
     inflight/<run_id>.json   the lease of a claimed run: token, owner, expiry
     pending/<run_id>         a resume request waiting for a worker (mtime: last sent)
     deadlines/<run_id>       a pause with a timeout (mtime: when it expires)
-    ended/<run_id>.json      cancelled, expired and failed runs
+    ended/<run_id>.json      completed, cancelled, expired and failed runs (mtime: when
+                             they ended; ``prune_ended`` deletes old ones)
     tmp/                     files being written; renamed into place when whole
     locks/NN.lock            striped ``flock`` locks serialising each run's transitions
 
@@ -684,6 +685,32 @@ class FileStore(CheckpointStore):
                     self._touch("pending", run_id, now)
                     due.append(run_id)
         return due
+
+    def prune_ended(self, older_than: float) -> int:
+        if older_than < 0:
+            raise ValueError(f"older_than must be >= 0 seconds, not {older_than!r}")
+        cutoff = time.time() - older_than
+        pruned = 0
+        with self._io("prune_ended", "*"):
+            for entry in os.scandir(self._dirs["ended"]):
+                if not entry.name.endswith(".json"):
+                    continue  # corrupt copies are evidence: never pruned
+                try:
+                    run_id = validate_run_id(entry.name[: -len(".json")])
+                    if entry.stat().st_mtime > cutoff:
+                        continue
+                except (FileNotFoundError, ValueError):
+                    continue
+                with self._locked(run_id):
+                    try:  # ended again since the scan?
+                        if os.stat(self._path("ended", run_id)).st_mtime > cutoff:
+                            continue
+                    except FileNotFoundError:
+                        continue
+                    pruned += self._unlink("ended", run_id, sync=False)
+            if pruned:
+                self._sync_dir("ended")
+        return pruned
 
     def due_timeouts(self, now: datetime | None = None) -> builtins.list[str]:
         at = (now or utcnow()).timestamp()

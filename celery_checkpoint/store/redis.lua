@@ -44,6 +44,7 @@ local K_CTL = K_RUN .. '/ctl'
 local K_ENDED, K_ENDED_CTL = K_RUN .. '/ended', K_RUN .. '/ended/ctl'
 local K_PAUSED, K_INFLIGHT = G .. 'paused', G .. 'inflight'
 local K_PENDING, K_DEADLINES = G .. 'pending', G .. 'deadlines'
+local K_ENDED_AT = G .. 'ended'
 local LEASE = {'lease_token', 'lease_owner', 'lease_host', 'lease_claimed', 'lease_expires'}
 local function ctl_json(key) return cjson.encode(redis.call('HGETALL', key)) end
 -- Drop a lease from the in-flight index and its host's set; with clear, also
@@ -75,7 +76,10 @@ else
   last = math.max(tonumber(ARGV[5]), prev, tonumber(ended_last or '0'))
 end
 redis.call('SET', K_RUN, ARGV[4])
-if ended_last then redis.call('DEL', K_ENDED, K_ENDED_CTL) end
+if ended_last then
+  redis.call('DEL', K_ENDED, K_ENDED_CTL)
+  redis.call('ZREM', K_ENDED_AT, ID)
+end
 if exists then redis.call('DEL', K_CTL) end
 redis.call('HSET', K_CTL, 'last_token', last, unpack(ARGV, 9))
 redis.call('ZADD', K_PAUSED, ARGV[6], ID)
@@ -191,6 +195,7 @@ if exists then
   end
   redis.call('HSET', K_ENDED_CTL, 'status', 'completed', 'ended_by', 'complete',
     'last_token', current or last)
+  redis.call('ZADD', K_ENDED_AT, now_ms(), ID)
   redis.call('ZREM', K_PAUSED, ID)
   -- The indexes hold only runs with a pending request / a deadline.
   if c[3] == 'pending' then redis.call('ZREM', K_PENDING, ID) end
@@ -242,6 +247,7 @@ end
 redis.call('HSET', K_CTL, unpack(set))
 redis.call('RENAME', K_RUN, K_ENDED)
 redis.call('RENAME', K_CTL, K_ENDED_CTL)
+redis.call('ZADD', K_ENDED_AT, now_ms(), ID)
 redis.call('ZREM', K_PAUSED, ID)
 redis.call('ZREM', K_PENDING, ID)
 redis.call('ZREM', K_DEADLINES, ID)
@@ -324,6 +330,18 @@ for _, id in ipairs(ids) do
   end
 end
 return {now, bound, #ids, due}
+
+--- @prune
+-- KEYS: 1 a group's ended index (scored by when the run ended, server ms).
+-- ARGV: 1 older_than (ms) 2 limit 3 the group's run key prefix.
+-- Deletes up to limit ended records older than that; returns how many.
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1]),
+  'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(ids) do
+  redis.call('DEL', ARGV[3] .. id .. '/ended', ARGV[3] .. id .. '/ended/ctl')
+  redis.call('ZREM', KEYS[1], id)
+end
+return #ids
 
 --- @stats
 -- KEYS: a group's 1 paused 2 inflight 3 pending 4 deadlines. A read: index sizes, and the

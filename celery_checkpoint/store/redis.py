@@ -56,6 +56,8 @@ Key layout (``P`` is the prefix; ``G`` the run's group, ``P:{gg}:``)::
     G:owners:<host>         SET of the group's runs claimed by workers on <host>
     G:pending               ZSET of pending resume requests by last sent (server us)
     G:deadlines             ZSET of pauses with a timeout by expires_at (us)
+    G:ended                 ZSET of ended runs by when they ended (server ms), for
+                            ``prune_ended``
 
 A run belongs to one of 16 groups, ``crc32(run_id) % 16`` written as two hex
 digits; ``{gg}`` is the hash tag of every key of the group -- the run's own
@@ -1008,6 +1010,26 @@ class RedisStore(CheckpointStore):
                     # request marked sent by this sweep is never examined again by it.
                     bound = min(int(used), int(now) - 1)
         return [run_id for run_id in due if _valid(run_id)]
+
+    def prune_ended(self, older_than: float) -> int:
+        if older_than < 0:
+            raise ValueError(f"older_than must be >= 0 seconds, not {older_than!r}")
+        pruned = 0
+        for group in self._groups:
+            while True:
+                # Each batch is one script: a lost reply leaves it applied whole or
+                # not at all, and running it again is harmless.
+                with self._io("prune_ended", "*"):
+                    n = int(
+                        self._scripts["prune"](
+                            keys=[group + "ended"],
+                            args=[round(older_than * 1000), _DUE_BATCH, group + "run:"],
+                        )
+                    )
+                pruned += n
+                if n < _DUE_BATCH:
+                    break
+        return pruned
 
     def due_timeouts(self, now: datetime | None = None) -> builtins.list[str]:
         bound = "" if now is None else _us(now)

@@ -603,3 +603,44 @@ def test_completion_leaves_a_tombstone_that_fences_older_tokens(store: Checkpoin
     assert again.request_id == "req-1"  # the same resume again is answered, not re-run
     with pytest.raises(AlreadyResumed):
         store.request_resume("done", {"ok": False}, "req-2")
+
+
+# -- pruning ended runs --------------------------------------------------------------
+
+
+def test_prune_ended_deletes_only_ended_records_past_the_age(store: CheckpointStore) -> None:
+    for run_id in ("done", "gone", "kept-paused", "kept-flying"):
+        store.save(make_run(run_id))
+    _, token = claimed(store, "done", lease_seconds=LONG)
+    store.complete("done", token=token)
+    store.cancel("gone", reason="not needed")
+    claimed(store, "kept-flying", lease_seconds=LONG)
+
+    assert store.prune_ended(3600) == 0, "nothing ended an hour ago"
+    assert store.ended("done") is not None and store.ended("gone") is not None
+    time.sleep(0.05)
+    assert store.prune_ended(0.01) == 2
+    assert store.ended("done") is None and store.ended("gone") is None
+    assert store.prune_ended(0) == 0, "pruning twice deletes nothing more"
+    assert store.load("kept-paused") is not None
+    assert store.lease("kept-flying") is not None
+    assert store.count() == 2
+    with pytest.raises(CheckpointNotFound):
+        store.request_resume("gone", {"ok": True}, "req-1")  # no record is left at all
+    with pytest.raises(ValueError, match="older_than"):
+        store.prune_ended(-1)
+
+
+def test_a_run_saved_again_under_a_pruned_or_reended_id_is_not_pruned_by_its_old_entry(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("again"))
+    store.cancel("again")
+    store.save(make_run("again", step="second life"))  # a new run under the ended id
+    time.sleep(0.05)
+    assert store.prune_ended(0.01) == 0
+    assert store.load("again") is not None and store.load("again").step == "second life"
+    store.cancel("again", reason="second end")
+    assert store.prune_ended(3600) == 0, "the second end is fresh"
+    ended = store.ended("again")
+    assert ended is not None and ended.ended_reason == "second end"

@@ -196,6 +196,27 @@ def test_durations() -> None:
             parse_duration(bad)
 
 
+def test_prune_deletes_runs_that_ended_before_the_age_and_needs_the_age(ops: Ops) -> None:
+    run_id = paused(ops, 90)
+    cancelled = invoke(ops, "cancel", run_id)
+    assert cancelled.exit_code == 0, cancelled.output
+    store = ops.checkpoints.store
+    assert store.ended(run_id) is not None
+
+    kept = json.loads(invoke(ops, "prune", "--older-than", "1h", "--json").stdout)
+    assert kept == {"pruned": 0, "older_than_seconds": 3600.0}
+    assert store.ended(run_id) is not None
+    done = invoke(ops, "prune", "--older-than", "0")
+    assert done.exit_code == 0, done.output
+    assert done.stdout.startswith("pruned ") and int(done.stdout.split()[1]) >= 1
+    assert store.ended(run_id) is None
+    assert "no paused run" in failed(invoke(ops, "resume", run_id), 1)
+
+    missing = invoke(ops, "prune")
+    assert missing.exit_code == 2 and "Missing option '--older-than'" in missing.stderr
+    assert "not a duration" in failed(invoke(ops, "prune", "--older-than", "later"), 2)
+
+
 def test_store_option_points_at_another_store(ops: Ops, tmp_path: Path) -> None:
     from celery_checkpoint import CheckpointStore, PausedWorkflow
 

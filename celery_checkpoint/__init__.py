@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .exceptions import (
     AlreadyResumed,
     CheckpointError,
+    CheckpointExists,
     CheckpointNotFound,
     CorruptCheckpoint,
     ImproperlyConfigured,
@@ -28,6 +29,7 @@ __all__ = [
     "PAUSED",
     "AlreadyResumed",
     "CheckpointError",
+    "CheckpointExists",
     "CheckpointNotFound",
     "CheckpointStore",
     "Checkpoints",

@@ -7,6 +7,7 @@
      ├── InvalidRunId          (also ValueError)
      ├── CorruptCheckpoint
      ├── CheckpointNotFound
+     ├── CheckpointExists      (a create-only save found the run already there)
      ├── LeaseLost
      ├── ResumeRejected        (bad resume input; carries the validation errors)
      ├── AlreadyResumed        (another resume request won the compare-and-set)
@@ -25,6 +26,7 @@ from typing import Any
 __all__ = [
     "AlreadyResumed",
     "CheckpointError",
+    "CheckpointExists",
     "CheckpointNotFound",
     "CorruptCheckpoint",
     "ImproperlyConfigured",
@@ -64,6 +66,20 @@ class CheckpointNotFound(CheckpointError):
     def __init__(self, run_id: str) -> None:
         super().__init__(f"no paused run {run_id!r} in the checkpoint store")
         self.run_id = run_id
+
+
+class CheckpointExists(CheckpointError):
+    """``save(create=True)`` found a checkpoint (paused, in flight or ended) for the run.
+
+    Nothing was changed. The task side uses it for a run's first pause: a second
+    copy of the first message (a broker redelivery while the first copy still
+    ran) must not replace the checkpoint, or a resume accepted for it, with its own.
+    """
+
+    def __init__(self, run_id: str, status: str) -> None:
+        super().__init__(f"run {run_id!r} already has a checkpoint ({status})")
+        self.run_id = run_id
+        self.status = status
 
 
 class LeaseLost(CheckpointError):

@@ -69,12 +69,16 @@ class CheckpointStore(abc.ABC):
     # -- the contract ------------------------------------------------------
 
     @abc.abstractmethod
-    def save(self, paused: PausedWorkflow, *, token: int | None = None) -> None:
+    def save(
+        self, paused: PausedWorkflow, *, token: int | None = None, create: bool = False
+    ) -> None:
         """Persist ``paused`` atomically and durably.
 
         Without ``token``: create or overwrite the run's checkpoint (a first
         pause); ``LeaseLost`` if the run is in flight. A new run under the id
         of an ended one replaces the ended record, its tokens still growing.
+        ``create=True`` (a run's first pause): only if the run has no checkpoint
+        at all, paused, in flight or ended; else ``CheckpointExists``, nothing changed.
         With ``token``: a re-pause by the lease holder; the new record replaces
         the old one and the lease ends in the same step. Raises
         ``LeaseLost`` (nothing changed) if ``token`` is stale, and

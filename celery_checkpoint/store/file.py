@@ -47,6 +47,7 @@ from pydantic import JsonValue, ValidationError
 
 from ..exceptions import (
     AlreadyResumed,
+    CheckpointExists,
     CheckpointNotFound,
     CorruptCheckpoint,
     ImproperlyConfigured,
@@ -288,9 +289,18 @@ class FileStore(CheckpointStore):
 
     # -- the contract --------------------------------------------------------
 
-    def save(self, paused: PausedWorkflow, *, token: int | None = None) -> None:
+    def save(
+        self, paused: PausedWorkflow, *, token: int | None = None, create: bool = False
+    ) -> None:
         run_id = validate_run_id(paused.run_id)
+        if create and token is not None:
+            raise ValueError("save(create=True) is a first pause: it takes no token")
         with self._io("save", run_id), self._locked(run_id):
+            if create:
+                if os.path.lexists(self._path("paused", run_id)):
+                    raise CheckpointExists(run_id, "paused")
+                if os.path.lexists(self._path("ended", run_id)):
+                    raise CheckpointExists(run_id, "ended")
             current = self._read_run_tolerant(run_id)
             lease = self._read_lease_tolerant(run_id, current)
             live = self._live_lease(current, lease)

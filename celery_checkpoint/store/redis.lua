@@ -56,12 +56,17 @@ local function drop_lease(host, clear)
 end
 
 --- @save run
--- ARGV: 3 token|'' 4 record JSON 5 record last_token 6 paused_at (us)
+-- ARGV: 3 token|''|'create' (only if the run has no record, paused or ended) 4 record JSON 5 record last_token 6 paused_at (us)
 --       7 deadline (us)|'' 8 resume status|''
 --       9... the other control fields, name, value, ... (with ended_by last on a re-pause)
-local has_token = ARGV[3] ~= ''
+local create = ARGV[3] == 'create'
+local has_token = ARGV[3] ~= '' and not create
 local c = redis.call('HMGET', K_CTL, 'last_token', 'lease_token', 'lease_host')
 local exists = c[1] ~= false
+if create then
+  if exists or redis.call('EXISTS', K_RUN) == 1 then return {'exists', 'paused'} end
+  if redis.call('EXISTS', K_ENDED) == 1 then return {'exists', 'ended'} end
+end
 local prev = tonumber(c[1] or '0')
 local current = current_of(c[2], c[1])
 local last

@@ -113,6 +113,7 @@ from pydantic import JsonValue, ValidationError
 
 from ..exceptions import (
     AlreadyResumed,
+    CheckpointExists,
     CheckpointNotFound,
     CorruptCheckpoint,
     ImproperlyConfigured,
@@ -573,8 +574,12 @@ class RedisStore(CheckpointStore):
 
     # -- the contract --------------------------------------------------------------
 
-    def save(self, paused: PausedWorkflow, *, token: int | None = None) -> None:
+    def save(
+        self, paused: PausedWorkflow, *, token: int | None = None, create: bool = False
+    ) -> None:
         run_id = validate_run_id(paused.run_id)
+        if create and token is not None:
+            raise ValueError("save(create=True) is a first pause: it takes no token")
         # The JSON is written as given. The control fields written beside it, and
         # last_token / lease_ended_by which the script decides, override it on read.
         fields = [
@@ -613,7 +618,7 @@ class RedisStore(CheckpointStore):
             "save",
             "save",
             run_id,
-            "" if token is None else token,
+            "create" if create else ("" if token is None else token),
             paused.to_json(),
             paused.last_token,
             _us(paused.paused_at),
@@ -623,6 +628,8 @@ class RedisStore(CheckpointStore):
         )
         if result[0] == "lost":
             raise LeaseLost(run_id, f"token {token} is not the current lease")
+        if result[0] == "exists":
+            raise CheckpointExists(run_id, _text(result[1]))
         if result[0] == "inflight":
             raise LeaseLost(
                 run_id, f"the run is in flight under token {int(result[1])}; save with it"

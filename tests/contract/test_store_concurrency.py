@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from celery_checkpoint import AlreadyResumed, CheckpointStore
+from celery_checkpoint import AlreadyResumed, CheckpointExists, CheckpointStore
 from tests.contract.helpers import StoreFactory, make_run, mp_context
 
 CLAIMERS = 8
@@ -62,6 +62,27 @@ def _resume_every_run(
                 except AlreadyResumed:
                     outcome[run_id] = "already-resumed"
             return me, outcome
+        finally:
+            store.close()
+
+    _report(out, work)
+
+
+def _first_pause_every_run(
+    factory: StoreFactory, run_ids: list[str], me: int, start: Barrier, out: Any
+) -> None:
+    def work() -> tuple[int, list[str]]:
+        store = factory()
+        created: list[str] = []
+        try:
+            start.wait(CHILD_TIMEOUT)
+            for run_id in run_ids:
+                try:
+                    store.save(make_run(run_id, state={"by": me}), create=True)
+                    created.append(run_id)
+                except CheckpointExists:
+                    pass
+            return me, created
         finally:
             store.close()
 
@@ -208,3 +229,27 @@ def test_a_lease_held_by_a_live_process_is_not_rearmed(
         done.set()
     _collect(out, 1)
     _join([child])
+
+
+@pytest.mark.slow
+def test_concurrent_first_pauses_from_many_processes_create_each_run_exactly_once(
+    store: CheckpointStore, store_factory: StoreFactory
+) -> None:
+    run_ids = [f"first-{i:03d}" for i in range(RESUMED_RUNS * 2)]
+    ctx = mp_context()
+    start, out = ctx.Barrier(CLAIMERS), ctx.Queue()
+    children = [
+        ctx.Process(target=_first_pause_every_run, args=(store_factory, run_ids, me, start, out))
+        for me in range(CLAIMERS)
+    ]
+    for child in children:
+        child.start()
+    results = _collect(out, CLAIMERS)
+    _join(children)
+
+    creators = Counter(run_id for _, created in results for run_id in created)
+    assert creators == Counter(dict.fromkeys(run_ids, 1)), "every run created exactly once"
+    winner = {run_id: me for me, created in results for run_id in created}
+    for run_id in run_ids:
+        run = store.load(run_id)
+        assert run is not None and run.state == {"by": winner[run_id]}, "the winner's record"

@@ -15,6 +15,7 @@ import pytest
 
 from celery_checkpoint import (
     AlreadyResumed,
+    CheckpointExists,
     CheckpointNotFound,
     CheckpointStore,
     LeaseLost,
@@ -644,3 +645,30 @@ def test_a_run_saved_again_under_a_pruned_or_reended_id_is_not_pruned_by_its_old
     assert store.prune_ended(3600) == 0, "the second end is fresh"
     ended = store.ended("again")
     assert ended is not None and ended.ended_reason == "second end"
+
+
+# -- a run's first pause: create-only ---------------------------------------------------
+
+
+def test_a_create_only_save_never_replaces_a_checkpoint_or_its_accepted_resume(
+    store: CheckpointStore,
+) -> None:
+    store.save(make_run("first"), create=True)
+    store.request_resume("first", {"ok": True}, "req-1")
+    before = observe(store, "first")
+    with pytest.raises(CheckpointExists) as caught:
+        store.save(make_run("first", step="a duplicate's pause"), create=True)
+    assert caught.value.status == "paused" and caught.value.run_id == "first"
+    assert observe(store, "first") == before, "nothing changed"
+
+    claimed(store, "first", lease_seconds=LONG)
+    with pytest.raises(CheckpointExists):
+        store.save(make_run("first"), create=True)  # in flight
+    store.save(make_run("gone"))
+    store.cancel("gone")
+    with pytest.raises(CheckpointExists) as ended:
+        store.save(make_run("gone"), create=True)
+    assert ended.value.status == "ended"
+    assert store.ended("gone") is not None and store.load("gone") is None
+    with pytest.raises(ValueError, match="no token"):
+        store.save(make_run("other"), token=1, create=True)

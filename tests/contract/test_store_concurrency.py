@@ -126,6 +126,21 @@ def _join(processes: list[Any]) -> None:
         assert process.exitcode == 0, f"child {process.pid} exited with {process.exitcode}"
 
 
+def _race(target: Any, n: int, factory: StoreFactory, run_ids: list[str]) -> list[Any]:
+    """Start ``n`` children of ``target(factory, run_ids, me, start, out)`` released
+    together at a barrier; return what each reported."""
+    ctx = mp_context()
+    start, out = ctx.Barrier(n), ctx.Queue()
+    children = [
+        ctx.Process(target=target, args=(factory, run_ids, me, start, out)) for me in range(n)
+    ]
+    for child in children:
+        child.start()
+    results = _collect(out, n)
+    _join(children)
+    return results
+
+
 @pytest.mark.slow
 def test_concurrent_claims_from_many_processes_have_exactly_one_winner_per_run(
     store: CheckpointStore, store_factory: StoreFactory
@@ -163,16 +178,9 @@ def test_concurrent_resumes_with_different_ids_accept_exactly_one(
     run_ids = [f"resume-{i:03d}" for i in range(RESUMED_RUNS)]
     for run_id in run_ids:
         store.save(make_run(run_id))
-    ctx = mp_context()
-    start, out = ctx.Barrier(RESUMERS), ctx.Queue()
-    children = [
-        ctx.Process(target=_resume_every_run, args=(store_factory, run_ids, me, start, out))
-        for me in range(RESUMERS)
-    ]
-    for child in children:
-        child.start()
-    results: list[tuple[int, dict[str, str]]] = _collect(out, RESUMERS)
-    _join(children)
+    results: list[tuple[int, dict[str, str]]] = _race(
+        _resume_every_run, RESUMERS, store_factory, run_ids
+    )
 
     for run_id in run_ids:
         outcomes = Counter(outcome[run_id] for _, outcome in results)
@@ -236,16 +244,9 @@ def test_concurrent_first_pauses_from_many_processes_create_each_run_exactly_onc
     store: CheckpointStore, store_factory: StoreFactory
 ) -> None:
     run_ids = [f"first-{i:03d}" for i in range(RESUMED_RUNS * 2)]
-    ctx = mp_context()
-    start, out = ctx.Barrier(CLAIMERS), ctx.Queue()
-    children = [
-        ctx.Process(target=_first_pause_every_run, args=(store_factory, run_ids, me, start, out))
-        for me in range(CLAIMERS)
-    ]
-    for child in children:
-        child.start()
-    results = _collect(out, CLAIMERS)
-    _join(children)
+    results: list[tuple[int, list[str]]] = _race(
+        _first_pause_every_run, CLAIMERS, store_factory, run_ids
+    )
 
     creators = Counter(run_id for _, created in results for run_id in created)
     assert creators == Counter(dict.fromkeys(run_ids, 1)), "every run created exactly once"

@@ -4,11 +4,11 @@ On the file store, the Redis store and the Redis store on a private
 three-primary Redis Cluster, two prefork workers share one Redis-broker queue
 with late acks, a 2 s lease, a 0.5 s recovery timer and an 8 s visibility
 timeout, so every copy of a run that can exist does: the re-armed resume the
-survivor's recovery re-sends, and
-the broker's redelivery of the killed worker's unacknowledged message. Each
-round pauses a run, resumes it, waits until its body has started, kills the
-whole process group of the worker running it, and expects the survivor to
-finish the run. The killed worker is replaced for the next round.
+survivor's recovery re-sends, and the broker's redelivery of the killed
+worker's unacknowledged message. Each round pauses a run, resumes it, waits
+until its body has started, kills the whole process group of the worker
+running it, and expects the survivor to finish the run. The killed worker is
+replaced for the next round.
 
 Markers (``start``/``end`` with wall-clock times) show every body execution.
 For each run the execution intervals — start to end, or start to the moment

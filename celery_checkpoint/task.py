@@ -75,6 +75,7 @@ import importlib
 import inspect
 import logging
 import math
+import os
 import threading
 import time
 import uuid
@@ -122,6 +123,10 @@ _MAX_TIMEOUT = timedelta(days=365 * 100)
 _PAUSED_STATE_WAIT = 5.0
 #: Name of the internal task that fires a pause's timeout at its deadline.
 TIMER_TASK = "celery_checkpoint.timeout"
+
+#: What ``_execute`` returns when the execution must end with ``Ignore`` (it
+#: paused, or its message has nothing to run); the task wrapper raises it.
+_IGNORE = object()
 
 _REGISTRY: weakref.WeakKeyDictionary[Celery, Checkpoints] = weakref.WeakKeyDictionary()
 _CURRENT: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
@@ -339,7 +344,14 @@ class Checkpoints:
         @functools.wraps(fun)
         def checkpointed(*args: Any, **kwargs: Any) -> Any:
             task = args[0] if bind else current_task._get_current_object()
-            return self._execute(task, fun, args, kwargs)
+            result = self._execute(task, fun, args, kwargs)
+            if result is _IGNORE:
+                # Raised here, not where the run paused: Celery copies the code
+                # positions of every frame in an Ignore's traceback (twice), formats
+                # them and pickles them to the pool's parent. Six frames deep, that
+                # was about a third of a first execution's time in the worker.
+                raise Ignore()
+            return result
 
         # Celery names the task and checks call arguments from this signature.
         checkpointed.__signature__ = inspect.signature(fun)  # type: ignore[attr-defined]
@@ -379,12 +391,12 @@ class Checkpoints:
                 "a checkpoint (running the body again would repeat its side effects)",
                 run_id,
             )
-            raise Ignore()
+            return _IGNORE
         context = _CURRENT.set(Run(run_id=run_id, resumed=False))
         try:
             return fun(*args, **kwargs)
         except Pause as pause:
-            self._pause(task, pause, previous=None, token=None)
+            return self._pause(task, pause, previous=None, token=None)
         finally:
             _CURRENT.reset(context)
 
@@ -399,7 +411,7 @@ class Checkpoints:
         run_id = validate_run_id(task.request.id)
         pause_seq = header.get("pause_seq")
         config = self.config
-        owner = Owner.current(node=getattr(task.request, "hostname", None))
+        owner = _owner(getattr(task.request, "hostname", None))
         claim = self._claim(run_id, pause_seq if isinstance(pause_seq, int) else None, owner)
         if claim is None:
             logger.info(
@@ -409,7 +421,7 @@ class Checkpoints:
                 run_id,
                 pause_seq,
             )
-            raise Ignore()
+            return _IGNORE
         if claim.expires:
             self._expire(task, claim)
         run, request, lease_token = claim.run, claim.request, claim.token
@@ -461,7 +473,7 @@ class Checkpoints:
                     result = fun(*args, **kwargs)
                 except Pause as pause:
                     beat.stop()
-                    self._pause(task, pause, previous=run, token=lease_token)
+                    return self._pause(task, pause, previous=run, token=lease_token)
                 beat.stop()
                 self._complete(task, run, lease_token, result)
             except Ignore:
@@ -598,7 +610,8 @@ class Checkpoints:
 
     def _pause(
         self, task: Any, pause: Pause, *, previous: PausedWorkflow | None, token: int | None
-    ) -> None:
+    ) -> object:
+        """Save the checkpoint and store PAUSED; returns ``_IGNORE`` (the execution ends)."""
         request = task.request
         run_id = validate_run_id(request.id)
         now = utcnow()
@@ -673,9 +686,9 @@ class Checkpoints:
             # Only now that PAUSED is stored: with a short timeout the expiry's
             # FAILURE could otherwise land first and be overwritten by PAUSED.
             self._send_timer(record)
-        # ``from None``: the Pause is control flow, not the cause of an error, and
-        # Celery formats the whole exception chain of every Ignore it handles.
-        raise Ignore() from None
+        # Not raised here: the wrapper raises Ignore outside any ``except`` block,
+        # so Celery finds neither this Pause as its context nor these frames.
+        return _IGNORE
 
     # -- timeouts --------------------------------------------------------------
 
@@ -991,6 +1004,18 @@ class _Claim:
     @property
     def expires(self) -> bool:
         return self.timed_out and self.run.on_timeout == "expire"
+
+
+_OWNERS: dict[tuple[int, str | None], Owner] = {}
+
+
+def _owner(node: str | None) -> Owner:
+    """This process's lease owner as ``node``: built once per process, as it reads /proc."""
+    key = (os.getpid(), node)
+    owner = _OWNERS.get(key)
+    if owner is None:
+        owner = _OWNERS[key] = Owner.current(node=node)
+    return owner
 
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:

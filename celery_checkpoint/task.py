@@ -97,6 +97,7 @@ from .config import CheckpointConfig
 from .exceptions import (
     AlreadyResumed,
     CheckpointError,
+    CheckpointExists,
     CheckpointNotFound,
     ImproperlyConfigured,
     LeaseLost,
@@ -385,7 +386,7 @@ class Checkpoints:
         self, task: Any, fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
         run_id = validate_run_id(task.request.id)
-        if self.store.load(run_id) is not None or self.store.ended(run_id) is not None:
+        if self.store.exists(run_id):
             logger.warning(
                 "run %s: ignoring a redelivered first-execution message, the run already has "
                 "a checkpoint (running the body again would repeat its side effects)",
@@ -650,7 +651,18 @@ class Checkpoints:
             metadata=pause.metadata,
         )
         try:
-            self.store.save(record, token=token)
+            # A first pause only creates: a second copy of the first message (a
+            # redelivery while the first copy still ran) must not replace the
+            # checkpoint, or a resume already accepted for it, with its own.
+            self.store.save(record, token=token, create=previous is None)
+        except CheckpointExists as exists:
+            logger.warning(
+                "run %s: another copy of its first message paused first (%s): this copy's "
+                "pause is dropped and the run goes on from that checkpoint",
+                run_id,
+                exists,
+            )
+            return _IGNORE
         except LeaseLost as lost:
             logger.error("run %s: re-pause after the lease was lost, dropped: %s", run_id, lost)
             raise Ignore() from lost

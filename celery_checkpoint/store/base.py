@@ -85,6 +85,11 @@ class CheckpointStore(abc.ABC):
         ``StoreUnavailable`` on I/O failure (the previous checkpoint intact).
         """
 
+    def exists(self, run_id: str) -> bool:
+        """Whether the run has any record, paused, in flight or ended, without
+        reading it. A backend overrides this with one cheap lookup."""
+        return self.load(run_id) is not None or self.ended(run_id) is not None
+
     @abc.abstractmethod
     def load(self, run_id: str) -> PausedWorkflow | None:
         """The run's checkpoint (paused or in flight), or None. Never claims.

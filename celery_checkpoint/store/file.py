@@ -335,6 +335,13 @@ class FileStore(CheckpointStore):
             if lease is not None:
                 self._unlink("inflight", run_id)
 
+    def exists(self, run_id: str) -> bool:
+        validate_run_id(run_id)
+        with self._io("exists", run_id):
+            return os.path.lexists(self._path("paused", run_id)) or os.path.lexists(
+                self._path("ended", run_id)
+            )
+
     def load(self, run_id: str) -> PausedWorkflow | None:
         validate_run_id(run_id)
         with self._io("load", run_id):

@@ -635,6 +635,12 @@ class RedisStore(CheckpointStore):
                 run_id, f"the run is in flight under token {int(result[1])}; save with it"
             )
 
+    def exists(self, run_id: str) -> bool:
+        validate_run_id(run_id)
+        keys = (self._key(run_id), self._key(run_id, "/ended"))  # one hash slot
+        found: int = self._read("exists", run_id, lambda: self._client.exists(*keys))
+        return found > 0
+
     def load(self, run_id: str) -> PausedWorkflow | None:
         validate_run_id(run_id)
         body, ctl = self._read_run("load", run_id)

@@ -672,3 +672,18 @@ def test_a_create_only_save_never_replaces_a_checkpoint_or_its_accepted_resume(
     assert store.ended("gone") is not None and store.load("gone") is None
     with pytest.raises(ValueError, match="no token"):
         store.save(make_run("other"), token=1, create=True)
+
+
+def test_exists_sees_paused_in_flight_and_ended_runs_without_reading_them(
+    store: CheckpointStore,
+) -> None:
+    assert not store.exists("nobody")
+    store.save(make_run("here"))
+    assert store.exists("here")
+    _, token = claimed(store, "here", lease_seconds=LONG)
+    assert store.exists("here")
+    store.complete("here", token=token)
+    assert store.exists("here"), "a completed run keeps its tombstone"
+    time.sleep(0.02)
+    store.prune_ended(0.01)
+    assert not store.exists("here")

@@ -41,6 +41,11 @@ class Harness:
     calls: list[tuple[str, Any]] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
     tasks: dict[str, Any] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    first_copies: list[int] = field(default_factory=list)
+    copy_gates: list[threading.Event] = field(
+        default_factory=lambda: [threading.Event(), threading.Event()]
+    )
 
     def wait_state(self, result: AsyncResult, state: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout
@@ -96,10 +101,24 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         h.calls.append(("slow-end", run.token))
         return "finished"
 
-    h.tasks.update(approve=approve, twice=twice, flaky=flaky, slow=slow)
+    @checkpoints.task(name="api.doubled", shared=False)
+    def doubled() -> Any:
+        run = checkpoints.current()
+        if run.resumed:
+            assert isinstance(run.state, dict)
+            return [run.state["copy"], run.resume_input]
+        with h.lock:
+            copy = len(h.first_copies)
+            h.first_copies.append(copy)
+        h.copy_gates[copy].wait(20)
+        raise Pause("wait", state={"copy": copy})
+
+    h.tasks.update(approve=approve, twice=twice, flaky=flaky, slow=slow, doubled=doubled)
     with start_worker(app, pool="threads", concurrency=2, perform_ping_check=False):
         yield h
     h.gate.set()
+    for gate in h.copy_gates:
+        gate.set()
 
 
 def test_task_keeps_its_name_and_call_signature(harness: Harness) -> None:
@@ -201,6 +220,26 @@ def test_redelivered_first_execution_does_not_rerun_the_body(harness: Harness) -
     time.sleep(1.0)
     assert harness.calls.count(("approve", False)) == 1
     assert result.state == "PAUSED"
+
+
+def test_a_second_copy_of_the_first_message_never_replaces_the_pause_or_its_resume(
+    harness: Harness,
+) -> None:
+    # Two copies of one first message run at once (a broker redelivered it while
+    # the first copy still ran); both pause. The first pause is resumed before the
+    # second copy pauses: the second pause must not wipe that accepted resume.
+    first = harness.tasks["doubled"].apply_async(task_id="doubled-run")
+    harness.tasks["doubled"].apply_async(task_id="doubled-run")
+    deadline = time.monotonic() + 20
+    while len(harness.first_copies) < 2:
+        assert time.monotonic() < deadline, "both copies should be running"
+        time.sleep(0.02)
+    harness.copy_gates[0].set()
+    harness.wait_state(first, "PAUSED")
+    harness.checkpoints.resume("doubled-run", "go")  # waits for a free worker slot
+    harness.copy_gates[1].set()  # the second copy pauses now: refused, dropped
+    assert first.get(timeout=20) == [0, "go"]
+    assert harness.checkpoints.store.load("doubled-run") is None
 
 
 def test_cancel_fences_an_in_flight_body_whose_late_result_is_dropped(harness: Harness) -> None:

@@ -130,11 +130,12 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         if checkpoint_store:
-            # Set before the pool forks so child processes open the same store.
+            # Set before the pool forks so child processes open the same store;
+            # the command line wins over checkpoint_store and over Checkpoints(store=...).
             parent.app.conf.checkpoint_store = checkpoint_store
             from .task import Checkpoints
 
-            Checkpoints.for_app(parent.app).reset()
+            Checkpoints.for_app(parent.app).use_store(checkpoint_store)
 
     def start(self, parent: Any) -> None:
         from .task import Checkpoints

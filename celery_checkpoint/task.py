@@ -268,8 +268,9 @@ class Checkpoints:
     """Bind a Celery app to a checkpoint store.
 
     ``store`` is a directory, a URL (``file:///dir``, ``redis://host:port/db``)
-    or a store object; without it ``app.conf.checkpoint_store`` or the worker's
-    ``--checkpoint-store`` option is used. Creating this object adds the
+    or a store object; without it ``app.conf.checkpoint_store`` is used. The
+    worker's ``--checkpoint-store`` option overrides both, as a command line
+    overrides the code it runs. Creating this object adds the
     :class:`~celery_checkpoint.bootstep.CheckpointRecovery` worker bootstep.
     """
 
@@ -299,6 +300,14 @@ class Checkpoints:
             explicit = self._store_arg if isinstance(self._store_arg, str) else None
             self._config = CheckpointConfig.from_app(self.app, store=explicit)
         return self._config
+
+    def use_store(self, target: str) -> None:
+        """Use ``target`` from now on, over ``store=`` and ``app.conf`` (the worker's
+        ``--checkpoint-store``); a store opened before is closed unless it was given."""
+        self.reset()
+        with self._lock:
+            self._store_arg = target
+            self._store = None
 
     def reset(self) -> None:
         """Forget the opened store and settings (after ``app.conf`` changed)."""

@@ -299,3 +299,18 @@ def test_pause_state_must_be_json_and_timeout_in_range() -> None:
 def test_a_url_without_slashes_is_refused_not_made_a_directory(tmp_path: Path) -> None:
     with pytest.raises(ImproperlyConfigured, match="without '//'"):
         CheckpointStore.open("file:/abs/dir")
+
+
+def test_the_worker_option_overrides_store_given_in_code(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from celery_checkpoint.bootstep import CheckpointRecovery
+
+    app = Celery("override", set_as_current=False)
+    checkpoints = Checkpoints(app, store=str(tmp_path / "in-code"))
+    opened_first = checkpoints.store
+    CheckpointRecovery(SimpleNamespace(app=app), checkpoint_store=str(tmp_path / "from-cli"))
+    assert Checkpoints.for_app(app) is checkpoints
+    assert checkpoints.config.store == str(tmp_path / "from-cli")
+    assert checkpoints.store is not opened_first
+    assert getattr(checkpoints.store, "root", None) == tmp_path / "from-cli"

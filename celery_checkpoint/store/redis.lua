@@ -2,20 +2,21 @@
 --
 -- Each "--- @name" section is one script. Sections marked "run" act on one run
 -- and get the "@run-prelude" section prepended: they take KEYS[1] = the run's
--- record key ("<prefix>:{<group>}:run:<id>"), ARGV[1] = the run id, ARGV[2] =
+-- hash key ("<prefix>:{<group>}:run:<id>"), ARGV[1] = the run id, ARGV[2] =
 -- the group's key base ("<prefix>:{<group>}:"), and derive the run's other keys
 -- and its group's index keys from those. Every key a script touches carries
 -- the same hash tag, the group's, so each script stays inside one hash slot and
 -- runs unchanged on Redis Cluster. Every script does all its reads and checks
 -- before its first write, so an error leaves nothing half-applied. Time comes
--- from the server (TIME), never from the caller. Control fields go back to
--- Python as one JSON string (cjson.encode of a flat array of strings), which
--- parses much faster than a nested reply.
+-- from the server (TIME), never from the caller. A run's hash goes back to
+-- Python as a flat array of names and values (claim), or as one JSON string
+-- (cjson.encode of that array) on the rarer paths.
 --
--- The lease lives in the run's control hash (fields lease_token, lease_owner,
--- lease_host, lease_claimed, lease_expires): the hash exists exactly when the
--- record does, and one read gives a script both the record's last_token and the
--- lease. A lease is the current claim only if its token is above last_token.
+-- A run is one hash: the record JSON (field "record"), the control fields that
+-- transitions change without rewriting it, and the lease (lease_token,
+-- lease_owner, lease_host, lease_claimed, lease_expires). One read gives a
+-- script all of it. A lease is the current claim only if its token is above
+-- last_token.
 
 --- @prelude
 local function now_ms()
@@ -40,31 +41,31 @@ end
 --- @run-prelude
 local ID, G = ARGV[1], ARGV[2]
 local K_RUN = KEYS[1]
-local K_CTL = K_RUN .. '/ctl'
-local K_ENDED, K_ENDED_CTL = K_RUN .. '/ended', K_RUN .. '/ended/ctl'
+local K_ENDED = K_RUN .. '/ended'
 local K_PAUSED, K_INFLIGHT = G .. 'paused', G .. 'inflight'
 local K_PENDING, K_DEADLINES = G .. 'pending', G .. 'deadlines'
 local K_ENDED_AT = G .. 'ended'
 local LEASE = {'lease_token', 'lease_owner', 'lease_host', 'lease_claimed', 'lease_expires'}
-local function ctl_json(key) return cjson.encode(redis.call('HGETALL', key)) end
+local function hash_json(key) return cjson.encode(redis.call('HGETALL', key)) end
 -- Drop a lease from the in-flight index and its host's set; with clear, also
--- its fields (not needed when the control hash is being deleted or renamed).
+-- its fields (not needed when the run's hash is being deleted or renamed).
 local function drop_lease(host, clear)
   if host then redis.call('SREM', G .. 'owners:' .. host, ID) end
   redis.call('ZREM', K_INFLIGHT, ID)
-  if clear then redis.call('HDEL', K_CTL, unpack(LEASE)) end
+  if clear then redis.call('HDEL', K_RUN, unpack(LEASE)) end
 end
 
 --- @save run
--- ARGV: 3 token|''|'create' (only if the run has no record, paused or ended) 4 record JSON 5 record last_token 6 paused_at (us)
---       7 deadline (us)|'' 8 resume status|''
+-- ARGV: 3 token|''|'create' (only if the run has no record, paused or ended)
+--       4 record JSON 5 record last_token 6 paused_at (us) 7 deadline (us)|''
+--       8 resume status|''
 --       9... the other control fields, name, value, ... (with ended_by last on a re-pause)
 local create = ARGV[3] == 'create'
 local has_token = ARGV[3] ~= '' and not create
-local c = redis.call('HMGET', K_CTL, 'last_token', 'lease_token', 'lease_host')
-local exists = c[1] ~= false
+local c = redis.call('HMGET', K_RUN, 'last_token', 'lease_token', 'lease_host', 'record')
+local exists = c[4] ~= false
 if create then
-  if exists or redis.call('EXISTS', K_RUN) == 1 then return {'exists', 'paused'} end
+  if exists then return {'exists', 'paused'} end
   if redis.call('EXISTS', K_ENDED) == 1 then return {'exists', 'ended'} end
 end
 local prev = tonumber(c[1] or '0')
@@ -77,16 +78,15 @@ if has_token then
 else
   if current then return {'inflight', current} end
   -- A new run under the id of an ended one: its tokens go on growing.
-  ended_last = redis.call('HGET', K_ENDED_CTL, 'last_token')
+  ended_last = redis.call('HGET', K_ENDED, 'last_token')
   last = math.max(tonumber(ARGV[5]), prev, tonumber(ended_last or '0'))
 end
-redis.call('SET', K_RUN, ARGV[4])
 if ended_last then
-  redis.call('DEL', K_ENDED, K_ENDED_CTL)
+  redis.call('DEL', K_ENDED)
   redis.call('ZREM', K_ENDED_AT, ID)
 end
-if exists then redis.call('DEL', K_CTL) end
-redis.call('HSET', K_CTL, 'last_token', last, unpack(ARGV, 9))
+if c[1] or exists then redis.call('DEL', K_RUN) end
+redis.call('HSET', K_RUN, 'record', ARGV[4], 'last_token', last, unpack(ARGV, 9))
 redis.call('ZADD', K_PAUSED, ARGV[6], ID)
 if ARGV[7] ~= '' then
   redis.call('ZADD', K_DEADLINES, ARGV[7], ID)
@@ -103,67 +103,68 @@ return {'ok'}
 
 --- @claim run
 -- ARGV: 3 owner JSON 4 owner host 5 lease (ms) 6 pause_seq|''
-local flat = redis.call('HGETALL', K_CTL)
+-- Returns the run's hash as it was before the claim (a flat array), the token,
+-- and the lease's start and expiry.
+local flat = redis.call('HGETALL', K_RUN)
 local c = {}
 for i = 1, #flat, 2 do c[flat[i]] = flat[i + 1] end
+if not c.record then return {'none'} end
 if c.status and c.status ~= 'paused' then return {'none'} end
 if ARGV[6] ~= '' and tonumber(c.pause_seq or '1') ~= tonumber(ARGV[6]) then return {'none'} end
 if current_of(c.lease_token, c.last_token) then return {'none'} end
-local body = redis.call('GET', K_RUN)
-if not body then return {'none'} end
 local now = now_ms()
 local token = tonumber(c.last_token or '0') + 1
 local expires = now + tonumber(ARGV[5])
 if c.lease_token then drop_lease(c.lease_host, false) end -- superseded; fields overwritten
-redis.call('HSET', K_CTL, 'lease_token', token, 'lease_owner', ARGV[3], 'lease_host', ARGV[4],
+redis.call('HSET', K_RUN, 'lease_token', token, 'lease_owner', ARGV[3], 'lease_host', ARGV[4],
   'lease_claimed', now, 'lease_expires', expires)
 redis.call('ZADD', K_INFLIGHT, expires, ID)
 redis.call('SADD', G .. 'owners:' .. ARGV[4], ID)
 -- Only a pending request is in the pending index (every script keeps it so).
 if c.resume_status == 'pending' then redis.call('ZREM', K_PENDING, ID) end
-return {'ok', body, cjson.encode(flat), token, now, expires}
+return {'ok', flat, token, now, expires}
 
 --- @request_resume run
 -- ARGV: 3 request id 4 request JSON 5 pause_seq|''
-if redis.call('EXISTS', K_RUN) == 0 then
+local c = redis.call('HMGET', K_RUN, 'pause_seq', 'step', 'resume_id', 'resume_seq',
+  'resume_status', 'last_token', 'lease_token', 'record')
+if not c[8] then
   if redis.call('EXISTS', K_ENDED) == 1 then
-    return {'ended', ctl_json(K_ENDED_CTL)}
+    return {'ended', hash_json(K_ENDED)}
   end
   return {'notfound'}
 end
-local c = redis.call('HMGET', K_CTL, 'pause_seq', 'step', 'resume_id', 'resume_seq',
-  'resume_status', 'last_token', 'lease_token')
 local seq = c[1] or '1'
 if ARGV[5] ~= '' and tonumber(ARGV[5]) ~= tonumber(seq) then
   return {'rejected', seq, c[2] or ''}
 end
 local pending = c[3] and tonumber(c[4]) == tonumber(seq) -- a request of an earlier pause is void
-if pending and c[3] == ARGV[3] then return {'existing', ctl_json(K_CTL)} end
+if pending and c[3] == ARGV[3] then return {'existing', hash_json(K_RUN)} end
 -- In flight with no request of this pause (a timeout or a redelivery claimed it):
 -- accepting would be lost when the holder completes.
 local current = current_of(c[7], c[6])
 if pending and (c[5] == 'pending' or current) then return {'already', c[3]} end
 if current then return {'busy', current} end
-redis.call('HSET', K_CTL, 'resume', ARGV[4], 'resume_id', ARGV[3], 'resume_seq', seq,
+redis.call('HSET', K_RUN, 'resume', ARGV[4], 'resume_id', ARGV[3], 'resume_seq', seq,
   'resume_status', 'pending')
-redis.call('HDEL', K_CTL, 'resume_error')
+redis.call('HDEL', K_RUN, 'resume_error')
 redis.call('ZADD', K_PENDING, now_us(), ID)
-return {'ok', ctl_json(K_CTL)}
+return {'ok', hash_json(K_RUN)}
 
 --- @heartbeat run
 -- ARGV: 3 token 4 lease (ms)
-local c = redis.call('HMGET', K_CTL, 'lease_token', 'last_token', 'lease_owner', 'lease_claimed')
+local c = redis.call('HMGET', K_RUN, 'lease_token', 'last_token', 'lease_owner', 'lease_claimed')
 if current_of(c[1], c[2]) ~= tonumber(ARGV[3]) then return {'lost'} end
 local expires = now_ms() + tonumber(ARGV[4])
-redis.call('HSET', K_CTL, 'lease_expires', expires)
+redis.call('HSET', K_RUN, 'lease_expires', expires)
 redis.call('ZADD', K_INFLIGHT, expires, ID)
 return {'ok', c[3], c[4], expires}
 
 --- @complete run
 -- ARGV: 3 token|''
-local c = redis.call('HMGET', K_CTL, 'last_token', 'ended_by', 'resume_status', 'deadline',
-  'lease_token', 'lease_host')
-local exists = c[1] ~= false or redis.call('EXISTS', K_RUN) == 1
+local c = redis.call('HMGET', K_RUN, 'last_token', 'ended_by', 'resume_status', 'deadline',
+  'lease_token', 'lease_host', 'record')
+local exists = c[7] ~= false
 local last = tonumber(c[1] or '0')
 local current = current_of(c[5], c[1])
 if ARGV[3] ~= '' then
@@ -174,7 +175,7 @@ if ARGV[3] ~= '' then
       if last >= token then return {'lost', 'ended_by', c[2] or ''} end
       return {'lost', 'stale'}
     end
-    local e = redis.call('HMGET', K_ENDED_CTL, 'last_token', 'status')
+    local e = redis.call('HMGET', K_ENDED, 'last_token', 'status')
     if e[1] then
       local ended_last = tonumber(e[1])
       if e[2] == 'completed' and ended_last == token then return {'ok'} end -- idempotent
@@ -193,12 +194,7 @@ if exists then
   -- execution and a repeated resume must see that the run completed. The
   -- lease fields go along; nothing reads them there.
   redis.call('RENAME', K_RUN, K_ENDED)
-  if c[1] then
-    redis.call('RENAME', K_CTL, K_ENDED_CTL)
-  else
-    redis.call('DEL', K_ENDED_CTL)
-  end
-  redis.call('HSET', K_ENDED_CTL, 'status', 'completed', 'ended_by', 'complete',
+  redis.call('HSET', K_ENDED, 'status', 'completed', 'ended_by', 'complete',
     'last_token', current or last)
   redis.call('ZADD', K_ENDED_AT, now_ms(), ID)
   redis.call('ZREM', K_PAUSED, ID)
@@ -211,7 +207,7 @@ return {'ok'}
 
 --- @release run
 -- ARGV: 3 token 4 '1' to mark the resume request failed 5 '1' if an error follows 6 error
-local c = redis.call('HMGET', K_CTL, 'lease_token', 'last_token', 'lease_host', 'resume_id')
+local c = redis.call('HMGET', K_RUN, 'lease_token', 'last_token', 'lease_host', 'resume_id')
 if current_of(c[1], c[2]) ~= tonumber(ARGV[3]) then return {'lost'} end
 local set = {'last_token', ARGV[3], 'ended_by', 'release'}
 local clear = {unpack(LEASE)}
@@ -225,17 +221,17 @@ if ARGV[4] == '1' and c[4] then
     clear[#clear + 1] = 'resume_error'
   end
 end
-redis.call('HSET', K_CTL, unpack(set))
-redis.call('HDEL', K_CTL, unpack(clear))
+redis.call('HSET', K_RUN, unpack(set))
+redis.call('HDEL', K_RUN, unpack(clear))
 drop_lease(c[3], false)
 return {'ok'}
 
 --- @cancel run
 -- ARGV: 3 status 4 '1' if a reason follows 5 reason 6 token|''
-local body = redis.call('GET', K_RUN)
+local c = redis.call('HMGET', K_RUN, 'lease_token', 'last_token', 'lease_host', 'record')
+local body = c[4]
 if not body then return {'none'} end
 if not pcall(cjson.decode, body) then return {'corrupt', string.len(body)} end
-local c = redis.call('HMGET', K_CTL, 'lease_token', 'last_token', 'lease_host')
 local current = current_of(c[1], c[2])
 if ARGV[6] ~= '' and current ~= tonumber(ARGV[6]) then return {'lost'} end
 local set = {'ended_by', 'cancel', 'status', ARGV[3]}
@@ -247,22 +243,21 @@ if ARGV[4] == '1' then
   set[#set + 1] = 'ended_reason'
   set[#set + 1] = ARGV[5]
 else
-  redis.call('HDEL', K_CTL, 'ended_reason')
+  redis.call('HDEL', K_RUN, 'ended_reason')
 end
-redis.call('HSET', K_CTL, unpack(set))
+redis.call('HSET', K_RUN, unpack(set))
 redis.call('RENAME', K_RUN, K_ENDED)
-redis.call('RENAME', K_CTL, K_ENDED_CTL)
 redis.call('ZADD', K_ENDED_AT, now_ms(), ID)
 redis.call('ZREM', K_PAUSED, ID)
 redis.call('ZREM', K_PENDING, ID)
 redis.call('ZREM', K_DEADLINES, ID)
 if c[1] then drop_lease(c[3], false) end
-return {'ok', body, ctl_json(K_ENDED_CTL)}
+return {'ok', hash_json(K_ENDED)}
 
 --- @rearm run
 -- ARGV: 3 'expired' or 'dead' 4 the token seen when the owner was found dead|''
 --       5 host whose in-flight set listed the run|''
-local c = redis.call('HMGET', K_CTL, 'lease_token', 'lease_expires', 'last_token',
+local c = redis.call('HMGET', K_RUN, 'lease_token', 'lease_expires', 'last_token',
   'lease_host', 'resume_status')
 if not c[1] then
   redis.call('ZREM', K_INFLIGHT, ID)
@@ -280,20 +275,26 @@ if ARGV[4] ~= '' and token ~= tonumber(ARGV[4]) then return {'busy'} end
 -- lease taken since (no token seen, or another one) may belong to a live worker.
 if ARGV[3] == 'dead' and ARGV[4] == '' then return {'busy'} end
 if ARGV[3] == 'expired' and now_ms() < tonumber(c[2]) then return {'busy'} end
-local body = redis.call('GET', K_RUN)
-redis.call('HSET', K_CTL, 'last_token', token, 'ended_by', 'recovery')
-redis.call('HINCRBY', K_CTL, 'recoveries', 1)
+redis.call('HSET', K_RUN, 'last_token', token, 'ended_by', 'recovery')
+redis.call('HINCRBY', K_RUN, 'recoveries', 1)
 if c[5] == 'pending' then
   redis.call('ZADD', K_PENDING, 0, ID) -- due for re-sending at once
 end
 drop_lease(c[4], true)
-return {'ok', body, ctl_json(K_CTL)}
+return {'ok', hash_json(K_RUN)}
 
 --- @quarantine run
 -- ARGV: 3 SHA-1 of the corrupt record (moved only if it is still that record)
-local body = redis.call('GET', K_RUN)
-if not body or redis.sha1hex(body) ~= ARGV[3] then return {'changed'} end
-local host = redis.call('HGET', K_CTL, 'lease_host')
+-- The key may not even be a hash: TYPE is checked before anything is read.
+local kind = redis.call('TYPE', K_RUN)['ok']
+local body, host = false, false
+if kind == 'hash' then
+  local c = redis.call('HMGET', K_RUN, 'record', 'lease_host')
+  body, host = c[1], c[2]
+elseif kind == 'string' then
+  body = redis.call('GET', K_RUN)
+end
+if kind == 'none' or redis.sha1hex(body or '') ~= ARGV[3] then return {'changed'} end
 -- Never overwrite evidence of an earlier corruption: /corrupt, then /corrupt.1, ...
 local dst, n = K_RUN .. '/corrupt', 0
 while redis.call('EXISTS', dst) == 1 do
@@ -301,11 +302,6 @@ while redis.call('EXISTS', dst) == 1 do
   dst = K_RUN .. '/corrupt.' .. n
 end
 redis.call('RENAME', K_RUN, dst)
-if redis.call('EXISTS', K_CTL) == 1 then
-  redis.call('RENAME', K_CTL, dst .. '/ctl')
-else
-  redis.call('DEL', dst .. '/ctl')
-end
 redis.call('ZREM', K_PAUSED, ID)
 redis.call('ZREM', K_PENDING, ID)
 redis.call('ZREM', K_DEADLINES, ID)
@@ -325,8 +321,7 @@ if ARGV[1] ~= '' then bound = tonumber(ARGV[1]) end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', bound, 'LIMIT', 0, tonumber(ARGV[3]))
 local due = {}
 for _, id in ipairs(ids) do
-  local c = redis.call('HMGET', ARGV[4] .. id .. '/ctl', 'resume_status', 'lease_token',
-    'last_token')
+  local c = redis.call('HMGET', ARGV[4] .. id, 'resume_status', 'lease_token', 'last_token')
   if c[1] == 'pending' and not current_of(c[2], c[3]) then
     redis.call('ZADD', KEYS[1], now, id)
     due[#due + 1] = id
@@ -343,7 +338,7 @@ return {now, bound, #ids, due}
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms() - tonumber(ARGV[1]),
   'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(ids) do
-  redis.call('DEL', ARGV[3] .. id .. '/ended', ARGV[3] .. id .. '/ended/ctl')
+  redis.call('DEL', ARGV[3] .. id .. '/ended')
   redis.call('ZREM', KEYS[1], id)
 end
 return #ids

@@ -41,16 +41,16 @@ Eviction
 
 Key layout (``P`` is the prefix; ``G`` the run's group, ``P:{gg}:``)::
 
-    G:run:<id>              the record JSON as last saved (string)
-    G:run:<id>/ctl          fields transitions change without rewriting the record
+    G:run:<id>              HASH: the record JSON as last saved (field ``record``);
+                            the fields transitions change without rewriting it
                             (last_token, lease_ended_by, recoveries, status,
-                            resume request and its status); they override the
-                            JSON. The lease lives here too (lease_token,
-                            lease_owner, lease_host, lease_claimed, lease_expires)
-    G:run:<id>/ended        (+ ``/ended/ctl``) a completed, cancelled, expired or
-                            failed run
-    G:run:<id>/corrupt      (+ ``/corrupt/ctl``) an unparsable record moved aside; a
-                            later one goes to ``/corrupt.1``, ``/corrupt.2``...
+                            resume request and its status), which override the
+                            JSON; and the lease (lease_token, lease_owner,
+                            lease_host, lease_claimed, lease_expires)
+    G:run:<id>/ended        the same hash, renamed, of a completed, cancelled,
+                            expired or failed run
+    G:run:<id>/corrupt      an unparsable run moved aside, as it was; a later one
+                            goes to ``/corrupt.1``, ``/corrupt.2``...
     G:paused                ZSET of the group's runs (paused or in flight) by paused_at (us)
     G:inflight              ZSET of the group's claimed runs by lease expiry (server ms)
     G:owners:<host>         SET of the group's runs claimed by workers on <host>
@@ -201,6 +201,12 @@ def _from_ms(ms: int) -> datetime:
 
 def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _pairs(flat: builtins.list[Any]) -> dict[str, str]:
+    """A hash as a script returns it raw: a flat array of names and values."""
+    it = iter(flat)
+    return {_text(name): _text(value) for name, value in zip(it, it, strict=True)}
 
 
 def _ctl(raw: bytes | str) -> dict[str, str]:
@@ -521,12 +527,14 @@ class RedisStore(CheckpointStore):
                 keys=[f"{group}run:{run_id}"], args=[run_id, group, *args]
             )
         except self._errors as exc:
+            if "WRONGTYPE" in str(exc):
+                raise CorruptCheckpoint(run_id, "its key is not a run hash") from exc
             raise self._unavailable(action, run_id, exc) from exc
         result[0] = _text(result[0])
         return result
 
     def _key(self, run_id: str, suffix: str = "") -> str:
-        """A key of the run: its record (no suffix), ``/ctl``, ``/ended``..."""
+        """A key of the run: its hash (no suffix), ``/ended``, ``/corrupt``..."""
         return f"{self._group(run_id)}run:{run_id}{suffix}"
 
     def _default_owner(self) -> tuple[Owner, str]:
@@ -548,18 +556,24 @@ class RedisStore(CheckpointStore):
 
     def _read_run(
         self, action: str, run_id: str, *, ended: bool = False
-    ) -> tuple[bytes | None, dict[str, str]]:
-        body_key = self._key(run_id, "/ended" if ended else "")
+    ) -> tuple[str | None, dict[str, str]]:
+        """The run's record JSON (None if there is no run) and its other fields."""
+        key = self._key(run_id, "/ended" if ended else "")
+        try:
+            fields = _decode_map(self._read(action, run_id, lambda: self._client.hgetall(key)))
+        except StoreUnavailable as exc:
+            if "WRONGTYPE" in str(exc.cause):
+                raise CorruptCheckpoint(run_id, "its key is not a run hash") from exc
+            raise
+        return fields.pop("record", None), fields
 
-        def do() -> builtins.list[Any]:
-            pipe = self._client.pipeline(transaction=True)
-            pipe.get(body_key)
-            pipe.hgetall(body_key + "/ctl")
-            result: builtins.list[Any] = pipe.execute()
-            return result
-
-        reply = self._read(action, run_id, do)
-        return reply[0], _decode_map(reply[1])
+    def _raw_value(self, run_id: str) -> bytes:
+        """What a key that is not a run hash holds, if a string (to move it aside)."""
+        with contextlib.suppress(Exception):
+            value = self._client.get(self._key(run_id))
+            if isinstance(value, bytes):
+                return value
+        return b""
 
     def _quarantine(self, run_id: str, body: bytes | str, exc: CorruptCheckpoint) -> None:
         """Move a corrupt record aside to ``...:corrupt`` (unless it changed meanwhile)."""
@@ -683,9 +697,11 @@ class RedisStore(CheckpointStore):
         )
         if result[0] != "ok":
             return None
-        _, body, ctl, token, claimed_ms, expires_ms = result
+        _, flat, token, claimed_ms, expires_ms = result
+        fields = _pairs(flat)
+        body = fields.pop("record")
         try:
-            run = self._record(run_id, body, _ctl(ctl))
+            run = self._record(run_id, body, fields)
         except CorruptCheckpoint:
             # The claim won but the record is unusable: give the lease back at once
             # (the run stays as it was, corrupt, for list/recovery to move aside).
@@ -824,7 +840,7 @@ class RedisStore(CheckpointStore):
         def leases() -> builtins.list[Any]:
             pipe = self._client.pipeline(transaction=False)
             for run_id in ours:
-                pipe.hmget(f"{group}run:{run_id}/ctl", "lease_token", "lease_owner")
+                pipe.hmget(f"{group}run:{run_id}", "lease_token", "lease_owner")
             result: builtins.list[Any] = pipe.execute()
             return result
 
@@ -854,11 +870,13 @@ class RedisStore(CheckpointStore):
         result = self._run("rearm", "recover_orphaned", run_id, mode, token, host)
         if result[0] != "ok":
             return
+        fields = _ctl(result[1])
+        body = fields.pop("record")
         try:
-            run = self._record(run_id, result[1], _ctl(result[2]))
+            run = self._record(run_id, body, fields)
         except CorruptCheckpoint as exc:
             logger.warning("skipping corrupt checkpoint during recovery: %s", exc)
-            self._quarantine(run_id, result[1], exc)
+            self._quarantine(run_id, body, exc)
             return
         logger.info("re-armed orphaned run %s (recovery %d)", run_id, run.recoveries)
         recovered.append(run)
@@ -889,8 +907,9 @@ class RedisStore(CheckpointStore):
             raise CorruptCheckpoint(run_id, f"the record is not JSON ({int(result[1])} bytes)")
         if result[0] == "lost":
             raise LeaseLost(run_id, f"token {token} is not the current lease")
+        fields = _ctl(result[1])
         try:
-            return self._record(run_id, result[1], _ctl(result[2]))
+            return self._record(run_id, fields.pop("record"), fields)
         except CorruptCheckpoint as exc:
             raise CorruptCheckpoint(run_id, exc.detail + "; the run was ended anyway") from exc
 
@@ -943,22 +962,30 @@ class RedisStore(CheckpointStore):
         if not batch:
             return
 
+        redis = _import_redis()
+
         def do() -> builtins.list[Any]:
-            pipe = self._client.pipeline(transaction=True)  # one group: one hash slot
+            pipe = self._client.pipeline(transaction=False)
             for run_id in batch:
-                key = f"{group}run:{run_id}"
-                pipe.get(key)
-                pipe.hgetall(key + "/ctl")
-            result: builtins.list[Any] = pipe.execute()
+                pipe.hgetall(f"{group}run:{run_id}")
+            # A key of the wrong type is one corrupt run, not a failed listing.
+            result: builtins.list[Any] = pipe.execute(raise_on_error=False)
             return result
 
         reply = self._read("list", "*", do)
-        for i, run_id in enumerate(batch):
-            body, raw_ctl = reply[2 * i], reply[2 * i + 1]
+        for run_id, raw in zip(batch, reply, strict=True):
+            if isinstance(raw, redis.ResponseError) and "WRONGTYPE" in str(raw):
+                wrong = CorruptCheckpoint(run_id, "its key is not a run hash")
+                logger.warning("skipping corrupt checkpoint while listing: %s", wrong)
+                self._quarantine(run_id, self._raw_value(run_id), wrong)
+                continue
+            if isinstance(raw, Exception):
+                raise self._unavailable("list", run_id, raw)
+            ctl = _decode_map(raw)
+            body = ctl.pop("record", None)
             if body is None:
                 continue  # completed or cancelled while we listed
             try:
-                ctl = _decode_map(raw_ctl)
                 run = self._record(run_id, body, ctl)
                 lease = None
                 if "lease_token" in ctl and int(ctl["lease_token"]) > run.last_token:

@@ -386,8 +386,7 @@ def _audit_indexes(url: str, prefix: str) -> None:
         }
         ctls = {
             run_id: {
-                k.decode(): v.decode()
-                for k, v in client.hgetall(_run_key(prefix, run_id, "/ctl")).items()
+                k.decode(): v.decode() for k, v in client.hgetall(_run_key(prefix, run_id)).items()
             }
             for run_id in runs
         }
@@ -397,7 +396,7 @@ def _audit_indexes(url: str, prefix: str) -> None:
         assert set(inflight) == leases, "every in-flight member has a lease, every lease is indexed"
         assert owners == leases, "the per-host sets list exactly the claimed runs"
         for run_id, ctl in ctls.items():
-            assert ctl, f"{run_id}: record without its control fields"
+            assert "record" in ctl and "last_token" in ctl, f"{run_id}: a half-written run"
             has_lease = run_id in leases
             expect_pending = ctl.get("resume_status") == "pending" and not has_lease
             assert (run_id in pending) == expect_pending, f"{run_id}: pending index disagrees"
@@ -555,7 +554,7 @@ def test_on_a_cluster_each_script_stays_in_one_slot_and_the_groups_use_every_pri
 
         for run_id in run_ids:
             group = f"{prefix}:{{{group_of(run_id):02x}}}:"
-            keys = [_run_key(prefix, run_id), _run_key(prefix, run_id, "/ctl")]
+            keys = [_run_key(prefix, run_id), _run_key(prefix, run_id, "/ended")]
             keys += [group + name for name in ("paused", "inflight", "pending", "deadlines")]
             assert len({client.keyslot(key) for key in keys}) == 1, run_id
         nodes = {client.get_node_from_key(f"{prefix}:{{{g:02x}}}:paused").name for g in range(16)}

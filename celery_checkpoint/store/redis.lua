@@ -9,8 +9,8 @@
 -- runs unchanged on Redis Cluster. Every script does all its reads and checks
 -- before its first write, so an error leaves nothing half-applied. Time comes
 -- from the server (TIME), never from the caller. A run's hash goes back to
--- Python as a flat array of names and values (claim), or as one JSON string
--- (cjson.encode of that array) on the rarer paths.
+-- Python as the flat array of names and values HGETALL gives, the record as
+-- stored (a corrupt one is moved aside byte for byte).
 --
 -- A run is one hash: the record JSON (field "record"), the control fields that
 -- transitions change without rewriting it, and the lease (lease_token,
@@ -46,7 +46,7 @@ local K_PAUSED, K_INFLIGHT = G .. 'paused', G .. 'inflight'
 local K_PENDING, K_DEADLINES = G .. 'pending', G .. 'deadlines'
 local K_ENDED_AT = G .. 'ended'
 local LEASE = {'lease_token', 'lease_owner', 'lease_host', 'lease_claimed', 'lease_expires'}
-local function hash_json(key) return cjson.encode(redis.call('HGETALL', key)) end
+local function hash(key) return redis.call('HGETALL', key) end
 -- Drop a lease from the in-flight index and its host's set; with clear, also
 -- its fields (not needed when the run's hash is being deleted or renamed).
 local function drop_lease(host, clear)
@@ -130,7 +130,7 @@ local c = redis.call('HMGET', K_RUN, 'pause_seq', 'step', 'resume_id', 'resume_s
   'resume_status', 'last_token', 'lease_token', 'record')
 if not c[8] then
   if redis.call('EXISTS', K_ENDED) == 1 then
-    return {'ended', hash_json(K_ENDED)}
+    return {'ended', hash(K_ENDED)}
   end
   return {'notfound'}
 end
@@ -139,7 +139,7 @@ if ARGV[5] ~= '' and tonumber(ARGV[5]) ~= tonumber(seq) then
   return {'rejected', seq, c[2] or ''}
 end
 local pending = c[3] and tonumber(c[4]) == tonumber(seq) -- a request of an earlier pause is void
-if pending and c[3] == ARGV[3] then return {'existing', hash_json(K_RUN)} end
+if pending and c[3] == ARGV[3] then return {'existing', hash(K_RUN)} end
 -- In flight with no request of this pause (a timeout or a redelivery claimed it):
 -- accepting would be lost when the holder completes.
 local current = current_of(c[7], c[6])
@@ -149,7 +149,7 @@ redis.call('HSET', K_RUN, 'resume', ARGV[4], 'resume_id', ARGV[3], 'resume_seq',
   'resume_status', 'pending')
 redis.call('HDEL', K_RUN, 'resume_error')
 redis.call('ZADD', K_PENDING, now_us(), ID)
-return {'ok', hash_json(K_RUN)}
+return {'ok', hash(K_RUN)}
 
 --- @heartbeat run
 -- ARGV: 3 token 4 lease (ms)
@@ -252,7 +252,7 @@ redis.call('ZREM', K_PAUSED, ID)
 redis.call('ZREM', K_PENDING, ID)
 redis.call('ZREM', K_DEADLINES, ID)
 if c[1] then drop_lease(c[3], false) end
-return {'ok', hash_json(K_ENDED)}
+return {'ok', hash(K_ENDED)}
 
 --- @rearm run
 -- ARGV: 3 'expired' or 'dead' 4 the token seen when the owner was found dead|''
@@ -281,7 +281,7 @@ if c[5] == 'pending' then
   redis.call('ZADD', K_PENDING, 0, ID) -- due for re-sending at once
 end
 drop_lease(c[4], true)
-return {'ok', hash_json(K_RUN)}
+return {'ok', hash(K_RUN)}
 
 --- @quarantine run
 -- ARGV: 3 SHA-1 of the corrupt record (moved only if it is still that record)

@@ -98,12 +98,11 @@ import contextlib
 import functools
 import hashlib
 import importlib
-import json
 import logging
 import os
 import socket
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta, timezone
 from importlib import resources
 from typing import Any, Literal, TypeVar, cast
@@ -203,22 +202,24 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
-def _pairs(flat: builtins.list[Any]) -> dict[str, str]:
-    """A hash as a script returns it raw: a flat array of names and values."""
+def _split(pairs: Iterable[tuple[Any, Any]]) -> tuple[bytes | None, dict[str, str]]:
+    """A run's hash: its record JSON, as stored (bytes: a corrupt record is moved
+    aside unchanged), and its other fields as text."""
+    record: bytes | None = None
+    fields: dict[str, str] = {}
+    for name, value in pairs:
+        key = _text(name)
+        if key == "record":
+            record = value if isinstance(value, bytes) else str(value).encode()
+        else:
+            fields[key] = _text(value)
+    return record, fields
+
+
+def _split_flat(flat: builtins.list[Any]) -> tuple[bytes | None, dict[str, str]]:
+    """:func:`_split` of a hash as a script returns it: a flat array of names and values."""
     it = iter(flat)
-    return {_text(name): _text(value) for name, value in zip(it, it, strict=True)}
-
-
-def _ctl(raw: bytes | str) -> dict[str, str]:
-    """A hash as the scripts return it: a flat HGETALL array encoded as JSON.
-
-    An empty hash arrives as ``{}`` (cjson cannot tell an empty array from an
-    empty object).
-    """
-    flat = json.loads(raw)
-    if not flat:
-        return {}
-    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+    return _split(zip(it, it, strict=True))
 
 
 def _short(exc: Exception, data: bytes | str) -> str:
@@ -556,16 +557,16 @@ class RedisStore(CheckpointStore):
 
     def _read_run(
         self, action: str, run_id: str, *, ended: bool = False
-    ) -> tuple[str | None, dict[str, str]]:
+    ) -> tuple[bytes | None, dict[str, str]]:
         """The run's record JSON (None if there is no run) and its other fields."""
         key = self._key(run_id, "/ended" if ended else "")
         try:
-            fields = _decode_map(self._read(action, run_id, lambda: self._client.hgetall(key)))
+            raw = self._read(action, run_id, lambda: self._client.hgetall(key))
         except StoreUnavailable as exc:
             if "WRONGTYPE" in str(exc.cause):
                 raise CorruptCheckpoint(run_id, "its key is not a run hash") from exc
             raise
-        return fields.pop("record", None), fields
+        return _split(cast("dict[Any, Any]", raw).items())
 
     def _raw_value(self, run_id: str) -> bytes:
         """What a key that is not a run hash holds, if a string (to move it aside)."""
@@ -698,8 +699,8 @@ class RedisStore(CheckpointStore):
         if result[0] != "ok":
             return None
         _, flat, token, claimed_ms, expires_ms = result
-        fields = _pairs(flat)
-        body = fields.pop("record")
+        body, fields = _split_flat(flat)
+        assert body is not None  # the script claims only a run with a record
         try:
             run = self._record(run_id, body, fields)
         except CorruptCheckpoint:
@@ -742,7 +743,7 @@ class RedisStore(CheckpointStore):
         if status == "notfound":
             raise CheckpointNotFound(run_id)
         if status == "ended":
-            ended = _ctl(result[1])
+            _, ended = _split_flat(result[1])
             done = _resume_from(ended) if ended.get("status") == "completed" else None
             if done is not None and done.request_id == request_id:
                 return done  # the same resume again, after it ran to completion
@@ -758,7 +759,7 @@ class RedisStore(CheckpointStore):
         if status == "busy":
             raise AlreadyResumed(run_id, f"<none: in flight under token {int(result[1])}>")
         try:
-            accepted = _resume_from(_ctl(result[1]))
+            accepted = _resume_from(_split_flat(result[1])[1])
         except (ValidationError, ValueError, KeyError) as exc:
             raise CorruptCheckpoint(run_id, f"resume request: {exc}") from exc
         assert accepted is not None
@@ -870,8 +871,8 @@ class RedisStore(CheckpointStore):
         result = self._run("rearm", "recover_orphaned", run_id, mode, token, host)
         if result[0] != "ok":
             return
-        fields = _ctl(result[1])
-        body = fields.pop("record")
+        body, fields = _split_flat(result[1])
+        assert body is not None  # the script re-arms only a run with a record
         try:
             run = self._record(run_id, body, fields)
         except CorruptCheckpoint as exc:
@@ -907,9 +908,10 @@ class RedisStore(CheckpointStore):
             raise CorruptCheckpoint(run_id, f"the record is not JSON ({int(result[1])} bytes)")
         if result[0] == "lost":
             raise LeaseLost(run_id, f"token {token} is not the current lease")
-        fields = _ctl(result[1])
+        body, fields = _split_flat(result[1])
+        assert body is not None  # the script cancels only a run with a record
         try:
-            return self._record(run_id, fields.pop("record"), fields)
+            return self._record(run_id, body, fields)
         except CorruptCheckpoint as exc:
             raise CorruptCheckpoint(run_id, exc.detail + "; the run was ended anyway") from exc
 
@@ -981,8 +983,7 @@ class RedisStore(CheckpointStore):
                 continue
             if isinstance(raw, Exception):
                 raise self._unavailable("list", run_id, raw)
-            ctl = _decode_map(raw)
-            body = ctl.pop("record", None)
+            body, ctl = _split(cast("dict[Any, Any]", raw).items())
             if body is None:
                 continue  # completed or cancelled while we listed
             try:
@@ -1083,12 +1084,6 @@ class RedisStore(CheckpointStore):
 def group_of(run_id: str) -> int:
     """The group of a run: its keys are ``<prefix>:{<group as 2 hex digits>}:...``."""
     return zlib.crc32(run_id.encode()) % _GROUPS
-
-
-def _decode_map(raw: Any) -> dict[str, str]:
-    if not raw:
-        return {}
-    return {_text(k): _text(v) for k, v in cast("dict[Any, Any]", raw).items()}
 
 
 def _valid(run_id: str) -> bool:

@@ -530,6 +530,22 @@ def test_a_corrupt_record_raises_for_its_run_only_and_listing_moves_it_aside(
         assert [info.run.run_id for info in store.list()] == ["good"]
         assert client.get(_run_key(shared_prefix, "bad", "/corrupt")) == b"\x00{not json"
         assert client.get(_run_key(shared_prefix, "bad", "/corrupt.1")) == b"second"
+
+        # A record that is not even UTF-8, met by listing and by recovery: moved
+        # aside byte for byte, and recovery goes on.
+        store.save(_record("binary"))
+        client.hset(_run_key(shared_prefix, "binary"), "record", b"\xff\xfe{")
+        assert [info.run.run_id for info in store.list()] == ["good"]
+        moved = client.hget(_run_key(shared_prefix, "binary", "/corrupt"), "record")
+        assert moved == b"\xff\xfe{"
+        store.save(_record("orphan"))
+        assert store.claim("orphan", lease_seconds=0.1) is not None
+        client.hset(_run_key(shared_prefix, "orphan"), "record", b"\xff not json")
+        time.sleep(0.3)
+        assert store.recover_orphaned() == []
+        moved = client.hget(_run_key(shared_prefix, "orphan", "/corrupt"), "record")
+        assert moved == b"\xff not json"
+        assert store.load("orphan") is None
     finally:
         client.close()
         store.close()

@@ -321,7 +321,10 @@ if ARGV[1] ~= '' then bound = tonumber(ARGV[1]) end
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', bound, 'LIMIT', 0, tonumber(ARGV[3]))
 local due = {}
 for _, id in ipairs(ids) do
-  local c = redis.call('HMGET', ARGV[4] .. id, 'resume_status', 'lease_token', 'last_token')
+  -- pcall: a key that is not a run hash (corrupt) is dropped from the index, not
+  -- an error that would stop the sweep halfway through.
+  local c = redis.pcall('HMGET', ARGV[4] .. id, 'resume_status', 'lease_token', 'last_token')
+  if c.err then c = {} end
   if c[1] == 'pending' and not current_of(c[2], c[3]) then
     redis.call('ZADD', KEYS[1], now, id)
     due[#due + 1] = id

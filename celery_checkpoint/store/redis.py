@@ -43,9 +43,10 @@ Key layout (``P`` is the prefix; ``G`` the run's group, ``P:{gg}:``)::
 
     G:run:<id>              HASH: the record JSON as last saved (field ``record``);
                             the fields transitions change without rewriting it
-                            (last_token, lease_ended_by, recoveries, status,
-                            resume request and its status), which override the
-                            JSON; and the lease (lease_token, lease_owner,
+                            (last_token, ended_by, recoveries, status, pause_seq,
+                            step, deadline, ended_reason, resume, resume_id,
+                            resume_seq, resume_status, resume_error), which
+                            override the JSON; and the lease (lease_token, lease_owner,
                             lease_host, lease_claimed, lease_expires)
     G:run:<id>/ended        the same hash, renamed, of a completed, cancelled,
                             expired or failed run
@@ -77,7 +78,7 @@ and this host's ``owners`` sets -- never the whole keyspace (no ``KEYS``/
 pending index in server microseconds; ``paused_at`` and ``expires_at`` (the
 record's own times) in microseconds.
 
-Each script is called with one declared key, the run's record key, and derives
+Each script is called with one declared key, the run's hash key, and derives
 the run's other keys and its group's index keys from the group prefix: one
 declared key instead of nine saves a noticeable share of each round trip's
 cost in redis-py. Redis Cluster allows a script to reach keys it did not
@@ -268,7 +269,7 @@ def _overlay(run: PausedWorkflow, ctl: dict[str, str]) -> None:
 
 
 def _lease_from(ctl: dict[str, str]) -> Lease:
-    """The lease held in a control hash's ``lease_*`` fields."""
+    """The lease held in a run hash's ``lease_*`` fields."""
     return Lease(
         token=int(ctl["lease_token"]),
         owner=Owner.model_validate_json(ctl["lease_owner"]),
@@ -386,13 +387,25 @@ class RedisStore(CheckpointStore):
     # -- opening ---------------------------------------------------------------
 
     def _check_client(self, client: Any) -> None:
-        kwargs = client.connection_pool.connection_kwargs
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            kwargs = pool.connection_kwargs
+            retry = kwargs.get("retry")
+        else:  # a cluster client: no single pool
+            kwargs = client.get_connection_kwargs()
+            retry = getattr(client, "retry", None)
+            if getattr(client, "cluster_error_retry_attempts", 0):
+                logger.warning(
+                    "the Redis Cluster client given to the checkpoint store re-sends commands "
+                    "after connection errors (cluster_error_retry_attempts=%d): a transition "
+                    "whose reply was lost may be applied twice. Set it to 0",
+                    client.cluster_error_retry_attempts,
+                )
         if kwargs.get("decode_responses"):
             raise ImproperlyConfigured(
                 "the Redis client given to the checkpoint store has decode_responses=True: "
                 "give it a client with decode_responses=False (records are bytes)"
             )
-        retry = kwargs.get("retry")
         if retry is not None and retry.get_retries() > 0:
             logger.warning(
                 "the Redis client given to the checkpoint store retries commands "
@@ -490,7 +503,11 @@ class RedisStore(CheckpointStore):
             self._client = cluster.RedisCluster.from_url(
                 urlunsplit(parts._replace(path="")), retry=retry_mod.Retry(backoff.NoBackoff(), 0)
             )
-        self._conn_errors = (*self._conn_errors, redis.exceptions.ClusterDownError)
+        if hasattr(self._client, "cluster_error_retry_attempts"):
+            # redis-py 5 re-sends on connection errors by this count, whatever ``retry`` says.
+            self._client.cluster_error_retry_attempts = 0
+        # A failover in progress is worth waiting out, for an idempotent read.
+        self._read_retry.update_supported_errors([redis.exceptions.ClusterDownError])
 
     def close(self) -> None:
         if self._owns_client:
@@ -577,7 +594,8 @@ class RedisStore(CheckpointStore):
         return b""
 
     def _quarantine(self, run_id: str, body: bytes | str, exc: CorruptCheckpoint) -> None:
-        """Move a corrupt record aside to ``...:corrupt`` (unless it changed meanwhile)."""
+        """Move a corrupt run aside to ``.../corrupt`` (``/corrupt.1``... if taken),
+        unless it changed meanwhile."""
         data = body.encode() if isinstance(body, str) else body
         try:
             result = self._run("quarantine", "quarantine", run_id, hashlib.sha1(data).hexdigest())
@@ -842,12 +860,17 @@ class RedisStore(CheckpointStore):
             pipe = self._client.pipeline(transaction=False)
             for run_id in ours:
                 pipe.hmget(f"{group}run:{run_id}", "lease_token", "lease_owner")
-            result: builtins.list[Any] = pipe.execute()
+            # A key of the wrong type is one corrupt run (_rearm moves it aside).
+            result: builtins.list[Any] = pipe.execute(raise_on_error=False)
             return result
 
-        for run_id, (token, owner_json) in zip(
-            ours, self._read("recover_orphaned", "*", leases), strict=True
-        ):
+        for run_id, reply in zip(ours, self._read("recover_orphaned", "*", leases), strict=True):
+            if isinstance(reply, Exception):
+                if "WRONGTYPE" not in str(reply):
+                    raise self._unavailable("recover_orphaned", run_id, reply)
+                self._rearm(run_id, "dead", "", host, recovered)
+                continue
+            token, owner_json = reply
             if token is None:
                 self._rearm(run_id, "dead", "", host, recovered)  # drops the stale entry
                 continue
@@ -868,7 +891,12 @@ class RedisStore(CheckpointStore):
     ) -> None:
         if not _valid(run_id):
             return
-        result = self._run("rearm", "recover_orphaned", run_id, mode, token, host)
+        try:
+            result = self._run("rearm", "recover_orphaned", run_id, mode, token, host)
+        except CorruptCheckpoint as exc:  # its key is not a run hash
+            logger.warning("skipping corrupt checkpoint during recovery: %s", exc)
+            self._quarantine(run_id, self._raw_value(run_id), exc)
+            return
         if result[0] != "ok":
             return
         body, fields = _split_flat(result[1])

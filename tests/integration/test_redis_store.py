@@ -546,6 +546,21 @@ def test_a_corrupt_record_raises_for_its_run_only_and_listing_moves_it_aside(
         moved = client.hget(_run_key(shared_prefix, "orphan", "/corrupt"), "record")
         assert moved == b"\xff not json"
         assert store.load("orphan") is None
+
+        # A key that is not a run hash at all, met by the resume sweep and by
+        # recovery: dropped or moved aside, and both go on with the other runs.
+        for run_id in ("pend", "pend-ok", "flying"):
+            store.save(_record(run_id))
+        store.request_resume("pend", {"ok": True}, "r1")
+        store.request_resume("pend-ok", {"ok": True}, "r2")
+        assert store.claim("flying", lease_seconds=0.1) is not None
+        for run_id in ("pend", "flying"):
+            client.delete(_run_key(shared_prefix, run_id))
+            client.set(_run_key(shared_prefix, run_id), b"not a hash")
+        assert store.due_resumes(0) == ["pend-ok"]
+        time.sleep(0.3)
+        assert store.recover_orphaned() == []
+        assert client.get(_run_key(shared_prefix, "flying", "/corrupt")) == b"not a hash"
     finally:
         client.close()
         store.close()
@@ -599,6 +614,17 @@ def test_a_single_node_client_on_a_cluster_is_refused_naming_the_fix(
         client.close()
     with pytest.raises(ImproperlyConfigured, match="database 0 only"):
         CheckpointStore.open(redis_cluster.url.replace("/0", "/3"))
+    # A cluster client of the user's own is taken as it is.
+    own = redis.cluster.RedisCluster.from_url(redis_cluster.url)
+    store = CheckpointStore.open(redis_cluster.url, client=own, prefix=f"cc-own-{uuid4().hex}")
+    try:
+        store.save(_record("mine"))
+        assert store.load("mine") is not None and store.count() == 1
+        store.cancel("mine")
+        assert store.prune_ended(0) == 1
+    finally:
+        store.close()
+        own.close()
 
 
 @pytest.mark.slow

@@ -681,3 +681,24 @@ def test_a_cluster_primary_killed_and_restarted_loses_nothing_and_applies_nothin
         store.close()
         probe.close()
         cluster.stop()
+
+
+def test_a_server_that_lost_its_scripts_gets_them_again_and_runs_each_call_once(
+    private_redis: Callable[..., PrivateRedis],
+) -> None:
+    server = private_redis()
+    store = CheckpointStore.open(server.url, prefix="cc-noscript")
+    client = redis.Redis.from_url(server.url)
+    try:
+        store.save(_record("r1"))
+        client.script_flush()  # as after a restart or a failover
+        run = store.claim("r1")
+        assert run is not None and run.lease is not None and run.lease.token == 1
+        client.script_flush()
+        store.complete("r1", token=run.lease.token)
+        ended = store.ended("r1")
+        assert ended is not None and ended.status == "completed"
+        assert store.claim("r1") is None
+    finally:
+        client.close()
+        store.close()

@@ -62,8 +62,8 @@ end
 --       9... the other control fields, name, value, ... (with ended_by last on a re-pause)
 local create = ARGV[3] == 'create'
 local has_token = ARGV[3] ~= '' and not create
-local c = redis.call('HMGET', K_RUN, 'last_token', 'lease_token', 'lease_host', 'record')
-local exists = c[4] ~= false
+local c = redis.call('HMGET', K_RUN, 'last_token', 'lease_token', 'lease_host')
+local exists = c[1] ~= false -- every run hash has last_token
 if create then
   if exists then return {'exists', 'paused'} end
   if redis.call('EXISTS', K_ENDED) == 1 then return {'exists', 'ended'} end
@@ -85,7 +85,7 @@ if ended_last then
   redis.call('DEL', K_ENDED)
   redis.call('ZREM', K_ENDED_AT, ID)
 end
-if c[1] or exists then redis.call('DEL', K_RUN) end
+if exists then redis.call('DEL', K_RUN) end
 redis.call('HSET', K_RUN, 'record', ARGV[4], 'last_token', last, unpack(ARGV, 9))
 redis.call('ZADD', K_PAUSED, ARGV[6], ID)
 if ARGV[7] ~= '' then
@@ -163,8 +163,8 @@ return {'ok', c[3], c[4], expires}
 --- @complete run
 -- ARGV: 3 token|''
 local c = redis.call('HMGET', K_RUN, 'last_token', 'ended_by', 'resume_status', 'deadline',
-  'lease_token', 'lease_host', 'record')
-local exists = c[7] ~= false
+  'lease_token', 'lease_host')
+local exists = c[1] ~= false -- every run hash has last_token
 local last = tonumber(c[1] or '0')
 local current = current_of(c[5], c[1])
 if ARGV[3] ~= '' then

@@ -623,17 +623,13 @@ class RedisStore(CheckpointStore):
         if create and token is not None:
             raise ValueError("save(create=True) is a first pause: it takes no token")
         # The JSON is written as given. The control fields written beside it, and
-        # last_token / lease_ended_by which the script decides, override it on read.
-        fields = [
-            "recoveries",
-            str(paused.recoveries),
-            "status",
-            paused.status,
-            "pause_seq",
-            str(paused.pause_seq),
-            "step",
-            paused.step,
-        ]
+        # last_token / lease_ended_by which the script decides, override it on read;
+        # a field at its default (status paused, no recoveries) is left out.
+        fields = ["pause_seq", str(paused.pause_seq), "step", paused.step]
+        if paused.status != "paused":
+            fields += ["status", paused.status]
+        if paused.recoveries:
+            fields += ["recoveries", str(paused.recoveries)]
         if paused.lease_ended_by is not None:
             fields += ["ended_by", paused.lease_ended_by]
         if paused.ended_reason is not None:

@@ -324,9 +324,9 @@ class RedisStore(CheckpointStore):
         parts = urlsplit(url)
         query = parse_qsl(parts.query, keep_blank_values=True)
         url_prefix = [value for key, value in query if key == "prefix"]
-        client_url = urlunsplit(
-            parts._replace(query=urlencode([(k, v) for k, v in query if k != "prefix"]))
-        )
+        # Cut the query by hand: urlunsplit would turn "unix:///path" into "unix:/path".
+        kept = urlencode([(k, v) for k, v in query if k != "prefix"])
+        client_url = url.partition("?")[0] + (f"?{kept}" if kept else "")
         if url_prefix:
             if prefix != "checkpoint" and prefix != url_prefix[-1]:
                 raise ImproperlyConfigured(

@@ -203,6 +203,15 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
+def _wrong_type(error: BaseException | None) -> bool:
+    """Whether Redis refused a command because the key holds another type."""
+    return error is not None and "WRONGTYPE" in str(error)
+
+
+def _not_a_hash(run_id: str) -> CorruptCheckpoint:
+    return CorruptCheckpoint(run_id, "its key is not a run hash")
+
+
 def _split(pairs: Iterable[tuple[Any, Any]]) -> tuple[bytes | None, dict[str, str]]:
     """A run's hash: its record JSON, as stored (bytes: a corrupt record is moved
     aside unchanged), and its other fields as text."""
@@ -554,8 +563,8 @@ class RedisStore(CheckpointStore):
                 code.sha = self._client.script_load(code.script)
                 result = self._client.evalsha(code.sha, 1, *call)
         except self._errors as exc:
-            if "WRONGTYPE" in str(exc):
-                raise CorruptCheckpoint(run_id, "its key is not a run hash") from exc
+            if _wrong_type(exc):
+                raise _not_a_hash(run_id) from exc
             raise self._unavailable(action, run_id, exc) from exc
         result[0] = _text(result[0])
         return result
@@ -589,8 +598,8 @@ class RedisStore(CheckpointStore):
         try:
             raw = self._read(action, run_id, lambda: self._client.hgetall(key))
         except StoreUnavailable as exc:
-            if "WRONGTYPE" in str(exc.cause):
-                raise CorruptCheckpoint(run_id, "its key is not a run hash") from exc
+            if _wrong_type(exc.cause):
+                raise _not_a_hash(run_id) from exc
             raise
         return _split(cast("dict[Any, Any]", raw).items())
 
@@ -871,7 +880,7 @@ class RedisStore(CheckpointStore):
 
         for run_id, reply in zip(ours, self._read("recover_orphaned", "*", leases), strict=True):
             if isinstance(reply, Exception):
-                if "WRONGTYPE" not in str(reply):
+                if not _wrong_type(reply):
                     raise self._unavailable("recover_orphaned", run_id, reply)
                 self._rearm(run_id, "dead", "", host, recovered)
                 continue
@@ -997,8 +1006,6 @@ class RedisStore(CheckpointStore):
         if not batch:
             return
 
-        redis = _import_redis()
-
         def do() -> builtins.list[Any]:
             pipe = self._client.pipeline(transaction=False)
             for run_id in batch:
@@ -1009,8 +1016,8 @@ class RedisStore(CheckpointStore):
 
         reply = self._read("list", "*", do)
         for run_id, raw in zip(batch, reply, strict=True):
-            if isinstance(raw, redis.ResponseError) and "WRONGTYPE" in str(raw):
-                wrong = CorruptCheckpoint(run_id, "its key is not a run hash")
+            if isinstance(raw, Exception) and _wrong_type(raw):
+                wrong = _not_a_hash(run_id)
                 logger.warning("skipping corrupt checkpoint while listing: %s", wrong)
                 self._quarantine(run_id, self._raw_value(run_id), wrong)
                 continue

@@ -1,10 +1,17 @@
-"""The checkpoint record, its lease, and run-id validation.
+"""The records of a run, its lease and resume request, and the rules about one run.
 
-A :class:`PausedWorkflow` is everything needed to continue a run after its
-worker has gone: the task, its arguments, the Celery request fields that keep a
-chain or chord attached, the user's JSON state, and the pending resume request.
+A :class:`RunRecord` is everything needed to continue a run after its worker
+has gone: the task, its arguments, the Celery request fields that keep a chain
+or chord attached, the user's JSON state, and the resume request. The same
+record describes the run while it is paused, in flight (with ``lease`` set by
+a claim) and once it ended (``status`` other than ``"paused"``: a tombstone).
 It is serialised as JSON (never pickle) and carries ``schema_version`` so newer
-code can read records written by older code.
+code can read records written by older code. ``PausedWorkflow`` is its former
+name, kept as an alias.
+
+The rules every layer shares live here, once: which request belongs to the
+current pause (:attr:`RunRecord.current_resume`), which error an ended run
+answers with (:meth:`RunRecord.ended_error`), and what a valid run id is.
 """
 
 from __future__ import annotations
@@ -12,26 +19,37 @@ from __future__ import annotations
 import os
 import re
 import socket
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from .exceptions import InvalidRunId
+from .exceptions import AlreadyResumed, CheckpointError, InvalidRunId, PauseExpired, RunCancelled
 
 __all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "MAX_DURATION",
     "SCHEMA_VERSION",
     "CeleryRequest",
+    "EndStatus",
     "Lease",
     "Owner",
     "PausedWorkflow",
     "ResumeRequest",
+    "RunRecord",
     "RunStatus",
+    "corrupt_detail",
     "utcnow",
     "validate_run_id",
 ]
 
 SCHEMA_VERSION = 1
+
+#: How long a claim lasts without a heartbeat, unless configured.
+DEFAULT_LEASE_SECONDS = 60.0
+#: The longest pause timeout or duration anything accepts: far enough, and
+#: clear of ``datetime``'s range for any date this code will see.
+MAX_DURATION = timedelta(days=365 * 100)
 
 _RUN_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}")
 # Names the stores use for their own files; a run id ending in one could be
@@ -39,6 +57,8 @@ _RUN_ID = re.compile(r"[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}")
 _RESERVED_SUFFIXES = (".json", ".inflight", ".corrupt", ".tmp", ".lock", ".pending", ".ended")
 
 RunStatus = Literal["paused", "cancelled", "expired", "failed", "completed"]
+#: How a run can be ended from outside its body (``CheckpointStore.end``).
+EndStatus = Literal["cancelled", "expired", "failed"]
 
 
 def utcnow() -> datetime:
@@ -197,8 +217,8 @@ class CeleryRequest(BaseModel):
     signature: dict[str, Any] = Field(default_factory=dict)
 
 
-class PausedWorkflow(BaseModel):
-    """One checkpoint: a run stopped at ``step``, waiting to be resumed."""
+class RunRecord(BaseModel):
+    """The stored record of one run: paused at ``step``, in flight, or ended."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -248,6 +268,40 @@ class PausedWorkflow(BaseModel):
         return self.model_dump_json(exclude={"lease"}).encode()
 
     @classmethod
-    def from_json(cls, data: bytes | str) -> PausedWorkflow:
+    def from_json(cls, data: bytes | str) -> RunRecord:
         """Parse a stored record; older ``schema_version`` records are upgraded here."""
         return cls.model_validate_json(data)
+
+    @property
+    def current_resume(self) -> ResumeRequest | None:
+        """The resume request of the current pause; a request left over from an
+        earlier pause of the run is not this pause's answer."""
+        request = self.resume
+        if request is not None and request.pause_seq == self.pause_seq:
+            return request
+        return None
+
+    @property
+    def ended(self) -> bool:
+        return self.status != "paused"
+
+    def ended_error(self) -> CheckpointError:
+        """What an answer to this ended run is refused with: ``AlreadyResumed``
+        (completed), ``PauseExpired`` (expired) or ``RunCancelled`` (cancelled, failed)."""
+        why = f": {self.ended_reason}" if self.ended_reason else ""
+        if self.status == "completed":
+            done = self.resume.request_id if self.resume is not None else "<none>"
+            return AlreadyResumed(self.run_id, done, completed=True)
+        if self.status == "expired":
+            return PauseExpired(f"run {self.run_id!r} expired at step {self.step!r}{why}")
+        return RunCancelled(f"run {self.run_id!r} was {self.status}{why}")
+
+
+#: The former name of :class:`RunRecord`, kept for one release.
+PausedWorkflow = RunRecord
+
+
+def corrupt_detail(exc: Exception, data: bytes | str) -> str:
+    """One line saying why a stored record did not parse, for ``CorruptCheckpoint``."""
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return f"{first} ({len(data)} bytes)"

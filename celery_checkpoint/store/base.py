@@ -1,48 +1,116 @@
-"""The store contract every backend implements.
+"""The store contract every backend implements, and how a store is opened.
 
 A run is PAUSED while only its checkpoint record exists, and IN-FLIGHT while a
 lease (owner, fencing token, expiry) is attached to it. Each transition below is
 atomic: of any number of concurrent callers, in any number of processes, each
 sees the state before or after it, never in between.
 
-* :meth:`claim` is the only way from PAUSED to IN-FLIGHT, and exactly one of
-  any number of concurrent claims wins.
-* Writes that carry a ``token`` (save, complete, release, heartbeat) fail with
-  :class:`~celery_checkpoint.LeaseLost` and change nothing when the token is not
-  the run's current one.
-* :meth:`recover_orphaned` re-arms only leases that expired or whose owner is
-  proved dead, so it is safe to call at any time from any number of processes.
+* :meth:`CheckpointStore.claim` is the only way from PAUSED to IN-FLIGHT, and
+  exactly one of any number of concurrent claims wins.
+* Writes that carry a ``token`` (save, complete, release, heartbeat, end) fail
+  with :class:`~celery_checkpoint.LeaseLost` and change nothing when the token
+  is not the run's current one.
+* :meth:`CheckpointStore.recover_orphaned` re-arms only leases that expired or
+  whose owner is proved dead, so it is safe to call at any time from any number
+  of processes.
+
+The public methods check their arguments (run ids above all) once, here, and
+call a private primitive of the same name that a backend fills in
+(``_save``, ``_claim``...). Operations derived from the primitives
+(:meth:`CheckpointStore.stats`, :meth:`CheckpointStore.exists`) have a default
+here that a backend may replace with a cheaper one.
 """
 
 from __future__ import annotations
 
 import abc
 import builtins
+import importlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Literal
+from datetime import datetime, timedelta
+from typing import Any, TypedDict
+from urllib.parse import unquote, urlsplit
 
 from pydantic import JsonValue
 
-from ..model import Lease, Owner, PausedWorkflow, ResumeRequest
+from ..exceptions import ImproperlyConfigured
+from ..model import (
+    DEFAULT_LEASE_SECONDS,
+    EndStatus,
+    Lease,
+    Owner,
+    ResumeRequest,
+    RunRecord,
+    utcnow,
+    validate_run_id,
+)
 
-__all__ = ["DEFAULT_LEASE_SECONDS", "CheckpointStore", "RunInfo"]
+__all__ = [
+    "BACKENDS",
+    "DEFAULT_LEASE_SECONDS",
+    "CheckpointStore",
+    "RunFilter",
+    "RunInfo",
+    "StoreStats",
+]
 
-DEFAULT_LEASE_SECONDS = 60.0
+#: scheme -> "module:Class"; a plain path means the file backend.
+BACKENDS: dict[str, str] = {
+    "file": "celery_checkpoint.store.file:FileStore",
+    "redis": "celery_checkpoint.store.redis:RedisStore",
+    "rediss": "celery_checkpoint.store.redis:RedisStore",
+    "unix": "celery_checkpoint.store.redis:RedisStore",
+}
+_URL_WITHOUT_SLASHES = re.compile(r"(file|redis|rediss|unix):(?!//)", re.IGNORECASE)
+_END_STATUSES = ("cancelled", "expired", "failed")
 
 
 @dataclass(frozen=True)
 class RunInfo:
-    """One line of :meth:`CheckpointStore.list`: a run and whether it is in flight."""
+    """One row of :meth:`CheckpointStore.list`: a run's record and its live lease."""
 
-    run: PausedWorkflow
+    run: RunRecord
     lease: Lease | None
 
     @property
     def in_flight(self) -> bool:
         return self.lease is not None
+
+
+class StoreStats(TypedDict):
+    """What :meth:`CheckpointStore.stats` counts."""
+
+    runs: int  #: paused or in flight
+    paused: int
+    in_flight: int
+    pending_resumes: int  #: accepted, not claimed yet
+    due_timeouts: int  #: deadline passed, timeout not run yet
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """The filters of :meth:`CheckpointStore.list`; one place decides what matches."""
+
+    task: str | None = None
+    step: str | None = None
+    older_than: float | None = None  #: seconds since the run paused
+
+    @property
+    def cutoff(self) -> datetime | None:
+        """Runs paused after this instant are too young to list."""
+        if self.older_than is None:
+            return None
+        return utcnow() - timedelta(seconds=self.older_than)
+
+    def matches(self, run: RunRecord, cutoff: datetime | None) -> bool:
+        if self.task is not None and run.task_name != self.task:
+            return False
+        if self.step is not None and run.step != self.step:
+            return False
+        return cutoff is None or run.paused_at <= cutoff
 
 
 class CheckpointStore(abc.ABC):
@@ -55,24 +123,47 @@ class CheckpointStore(abc.ABC):
         self.lease_seconds = float(lease_seconds)
 
     @staticmethod
-    def open(target: str | os.PathLike[str], **options: Any) -> CheckpointStore:
+    def open(target: str | os.PathLike[str] | CheckpointStore, **options: Any) -> CheckpointStore:
         """Open the store at ``target``: a directory path, ``file:///abs/dir``,
-        ``redis://host:port/db`` or ``rediss://...``.
+        ``redis://host:port/db`` or ``rediss://...``; a store is returned as it is.
 
         Raises ``ImproperlyConfigured`` for an unknown scheme (naming the known
         ones) and ``StoreUnavailable`` when the store cannot be reached.
         """
-        from . import open_store
-
-        return open_store(target, **options)
+        if isinstance(target, CheckpointStore):
+            return target
+        text = os.fspath(target)
+        if not text:
+            raise ImproperlyConfigured("empty checkpoint store target: give a directory or a URL")
+        scheme = urlsplit(text).scheme.lower() if "://" in text else ""
+        if not scheme and _URL_WITHOUT_SLASHES.match(text):
+            raise ImproperlyConfigured(
+                f"checkpoint store target {text!r} looks like a URL without '//': write "
+                "file:///absolute/dir or redis://host:port/db, or a plain directory path"
+            )
+        if scheme and scheme not in BACKENDS:
+            known = ", ".join(f"{s}://" for s in sorted(BACKENDS))
+            raise ImproperlyConfigured(
+                f"unknown checkpoint store scheme {scheme!r} in {text!r}: use a directory path "
+                f"or one of {known}"
+            )
+        module_name, _, cls_name = BACKENDS[scheme or "file"].partition(":")
+        backend: Any = getattr(importlib.import_module(module_name), cls_name)
+        if scheme == "file":
+            parts = urlsplit(text)
+            if parts.netloc not in ("", "localhost"):
+                raise ImproperlyConfigured(
+                    f"file store URL {text!r} names host {parts.netloc!r}: the file store is "
+                    "local; use file:///absolute/dir (three slashes)"
+                )
+            text = unquote(parts.path)
+        store: CheckpointStore = backend(text, **options)
+        return store
 
     # -- the contract ------------------------------------------------------
 
-    @abc.abstractmethod
-    def save(
-        self, paused: PausedWorkflow, *, token: int | None = None, create: bool = False
-    ) -> None:
-        """Persist ``paused`` atomically and durably.
+    def save(self, run: RunRecord, *, token: int | None = None, create: bool = False) -> None:
+        """Persist ``run`` atomically and durably.
 
         Without ``token``: create or overwrite the run's checkpoint (a first
         pause); ``LeaseLost`` if the run is in flight. A new run under the id
@@ -84,24 +175,27 @@ class CheckpointStore(abc.ABC):
         ``LeaseLost`` (nothing changed) if ``token`` is stale, and
         ``StoreUnavailable`` on I/O failure (the previous checkpoint intact).
         """
+        validate_run_id(run.run_id)
+        if create and token is not None:
+            raise ValueError("save(create=True) is a first pause: it takes no token")
+        self._save(run, token, create)
 
     def exists(self, run_id: str) -> bool:
         """Whether the run has any record, paused, in flight or ended, without
-        reading it. A backend overrides this with one cheap lookup."""
-        return self.load(run_id) is not None or self.ended(run_id) is not None
+        reading it."""
+        return self._exists(validate_run_id(run_id))
 
-    @abc.abstractmethod
-    def load(self, run_id: str) -> PausedWorkflow | None:
+    def load(self, run_id: str) -> RunRecord | None:
         """The run's checkpoint (paused or in flight), or None. Never claims.
 
         Raises ``CorruptCheckpoint`` if the record cannot be parsed.
         """
+        return self._load(validate_run_id(run_id))
 
-    @abc.abstractmethod
     def lease(self, run_id: str) -> Lease | None:
         """The run's current lease if it is in flight, else None."""
+        return self._lease(validate_run_id(run_id))
 
-    @abc.abstractmethod
     def claim(
         self,
         run_id: str,
@@ -109,15 +203,17 @@ class CheckpointStore(abc.ABC):
         owner: Owner | None = None,
         lease_seconds: float | None = None,
         pause_seq: int | None = None,
-    ) -> PausedWorkflow | None:
+    ) -> RunRecord | None:
         """PAUSED -> IN-FLIGHT; exactly one of concurrent claims wins.
 
         Returns the checkpoint with ``lease`` set (token = previous + 1), or
         None when the run is unknown, already in flight, ended, or (with
         ``pause_seq``) paused at a different pause than the caller aimed at.
         """
+        return self._claim(
+            validate_run_id(run_id), owner, self._lease_seconds(lease_seconds), pause_seq
+        )
 
-    @abc.abstractmethod
     def request_resume(
         self,
         run_id: str,
@@ -133,17 +229,22 @@ class CheckpointStore(abc.ABC):
         different one while a request is pending or the run is in flight raises
         ``AlreadyResumed``; a failed request may be replaced. Raises
         ``CheckpointNotFound`` for an unknown run, ``RunCancelled`` or
-        ``PauseExpired`` for an ended one, and ``ResumeRejected`` when
-        ``pause_seq`` names another pause than the current one.
+        ``PauseExpired`` for an ended one (the request that completed a run,
+        asked again, is returned), and ``ResumeRejected`` when ``pause_seq``
+        names another pause than the current one.
         """
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_resume needs a non-empty request id")
+        return self._request_resume(
+            validate_run_id(run_id), input, request_id, pause_seq, timed_out
+        )
 
-    @abc.abstractmethod
     def heartbeat(self, run_id: str, token: int, *, lease_seconds: float | None = None) -> Lease:
         """Extend the lease from now; ``LeaseLost`` if ``token`` is stale."""
+        return self._heartbeat(validate_run_id(run_id), token, self._lease_seconds(lease_seconds))
 
-    @abc.abstractmethod
     def complete(self, run_id: str, *, token: int | None = None) -> None:
-        """The body finished: drop the in-flight run. Idempotent.
+        """The body finished: the run ends as completed, keeping a tombstone. Idempotent.
 
         A run whose lease already ended by a re-pause ``save`` keeps its fresh
         paused record. With a ``token`` that is not the current lease's,
@@ -151,45 +252,61 @@ class CheckpointStore(abc.ABC):
         dropped whatever its token (an operator's action) and a run that is not
         in flight is left as it is.
         """
+        self._complete(validate_run_id(run_id), token)
 
-    @abc.abstractmethod
     def release(self, run_id: str, token: int, *, error: str | None = None) -> None:
         """The body failed: IN-FLIGHT -> PAUSED with nothing lost.
 
         The resume input stays (a Celery retry of the same message resumes with
         it) and the request is marked failed so recovery does not re-send it.
+        ``LeaseLost`` if ``token`` is not the current lease.
         """
+        self._release(validate_run_id(run_id), token, error)
 
-    @abc.abstractmethod
-    def recover_orphaned(self) -> builtins.list[PausedWorkflow]:
+    def recover_orphaned(self) -> builtins.list[RunRecord]:
         """Re-arm in-flight runs whose lease expired or whose owner is dead.
 
         Returns the re-armed runs (their ``recoveries`` counter incremented).
         Touches only in-flight runs, never scans paused ones. Also removes temp
         files left by crashed writers and moves corrupt in-flight records aside.
         """
+        return self._recover_orphaned()
 
-    @abc.abstractmethod
+    def end(
+        self,
+        run_id: str,
+        status: EndStatus,
+        *,
+        reason: str | None = None,
+        token: int | None = None,
+    ) -> RunRecord | None:
+        """End a paused or in-flight run for good as ``status``; it is kept as ended.
+
+        Returns the ended record, or None if there was no such run (never
+        paused, or ended already). Any lease is fenced: the holder's later
+        writes raise ``LeaseLost``. With ``token``, only that lease holder may
+        end the run (``LeaseLost`` otherwise).
+        """
+        if status not in _END_STATUSES:
+            raise ValueError(f"end status must be cancelled, expired or failed, not {status!r}")
+        return self._end(validate_run_id(run_id), status, reason, token)
+
     def cancel(
         self,
         run_id: str,
         *,
         reason: str | None = None,
-        status: Literal["cancelled", "expired", "failed"] = "cancelled",
+        status: EndStatus = "cancelled",
         token: int | None = None,
-    ) -> PausedWorkflow | None:
-        """End a run for good: it leaves the paused set and is kept as ended.
+    ) -> RunRecord | None:
+        """``end(run_id, "cancelled")``; ``status=`` is kept for callers of the
+        former signature, for one release: use :meth:`end`."""
+        return self.end(run_id, status, reason=reason, token=token)
 
-        Returns the ended record, or None if there was no such run. Any lease
-        is fenced: the holder's later writes raise ``LeaseLost``. With
-        ``token``, only that lease holder may end the run.
-        """
+    def ended(self, run_id: str) -> RunRecord | None:
+        """The record of a completed, cancelled, expired or failed run, or None."""
+        return self._ended(validate_run_id(run_id))
 
-    @abc.abstractmethod
-    def ended(self, run_id: str) -> PausedWorkflow | None:
-        """The record of a cancelled, expired or failed run, or None."""
-
-    @abc.abstractmethod
     def prune_ended(self, older_than: float) -> int:
         """Delete the records of runs that ended (completed, cancelled, expired,
         failed) over ``older_than`` seconds ago; return how many.
@@ -200,8 +317,10 @@ class CheckpointStore(abc.ABC):
         visibility timeout, the task's retries), or such a message starts the
         run afresh. Paused and in-flight runs and corrupt copies are never touched.
         """
+        if not older_than >= 0:
+            raise ValueError(f"older_than must be >= 0 seconds, not {older_than!r}")
+        return self._prune_ended(float(older_than))
 
-    @abc.abstractmethod
     def list(
         self,
         *,
@@ -210,46 +329,26 @@ class CheckpointStore(abc.ABC):
         older_than: float | None = None,
     ) -> Iterator[RunInfo]:
         """Paused and in-flight runs, streaming; ``older_than`` is seconds since paused."""
+        return self._list(RunFilter(task=task, step=step, older_than=older_than))
 
-    @abc.abstractmethod
     def count(self) -> int:
         """How many runs are paused or in flight, without reading their records."""
+        return self._count()
 
-    @abc.abstractmethod
     def due_resumes(self, older_than: float) -> builtins.list[str]:
         """Run ids with a pending, unclaimed resume request last sent over
         ``older_than`` seconds ago; each returned id is marked sent now."""
+        return self._due_resumes(float(older_than))
 
-    @abc.abstractmethod
     def due_timeouts(self, now: datetime | None = None) -> builtins.list[str]:
         """Run ids of paused runs whose ``expires_at`` has passed."""
+        return self._due_timeouts(now)
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> StoreStats:
         """Counts for operators: ``runs`` (paused or in flight), ``paused``,
         ``in_flight``, ``pending_resumes`` (accepted, not claimed yet) and
-        ``due_timeouts`` (deadline passed, timeout not run yet).
-
-        This default reads every record; a backend overrides it with cheap counts.
-        """
-        runs = in_flight = pending = 0
-        for info in self.list():
-            runs += 1
-            request = info.run.resume
-            if info.in_flight:
-                in_flight += 1
-            elif (
-                request is not None
-                and request.status == "pending"
-                and request.pause_seq == info.run.pause_seq
-            ):
-                pending += 1
-        return {
-            "runs": runs,
-            "paused": runs - in_flight,
-            "in_flight": in_flight,
-            "pending_resumes": pending,
-            "due_timeouts": len(self.due_timeouts()),
-        }
+        ``due_timeouts`` (deadline passed, timeout not run yet)."""
+        return self._stats()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections or file handles."""
@@ -260,5 +359,94 @@ class CheckpointStore(abc.ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- what a backend fills in ----------------------------------------------
+    # Arguments arrive checked: valid run ids, a lease length in seconds.
+
+    @abc.abstractmethod
+    def _save(self, run: RunRecord, token: int | None, create: bool) -> None: ...
+
+    @abc.abstractmethod
+    def _load(self, run_id: str) -> RunRecord | None: ...
+
+    @abc.abstractmethod
+    def _lease(self, run_id: str) -> Lease | None: ...
+
+    @abc.abstractmethod
+    def _claim(
+        self, run_id: str, owner: Owner | None, lease_seconds: float, pause_seq: int | None
+    ) -> RunRecord | None: ...
+
+    @abc.abstractmethod
+    def _request_resume(
+        self,
+        run_id: str,
+        input: JsonValue,
+        request_id: str,
+        pause_seq: int | None,
+        timed_out: bool,
+    ) -> ResumeRequest: ...
+
+    @abc.abstractmethod
+    def _heartbeat(self, run_id: str, token: int, lease_seconds: float) -> Lease: ...
+
+    @abc.abstractmethod
+    def _complete(self, run_id: str, token: int | None) -> None: ...
+
+    @abc.abstractmethod
+    def _release(self, run_id: str, token: int, error: str | None) -> None: ...
+
+    @abc.abstractmethod
+    def _recover_orphaned(self) -> builtins.list[RunRecord]: ...
+
+    @abc.abstractmethod
+    def _end(
+        self, run_id: str, status: EndStatus, reason: str | None, token: int | None
+    ) -> RunRecord | None: ...
+
+    @abc.abstractmethod
+    def _ended(self, run_id: str) -> RunRecord | None: ...
+
+    @abc.abstractmethod
+    def _prune_ended(self, older_than: float) -> int: ...
+
+    @abc.abstractmethod
+    def _list(self, where: RunFilter) -> Iterator[RunInfo]: ...
+
+    @abc.abstractmethod
+    def _count(self) -> int: ...
+
+    @abc.abstractmethod
+    def _due_resumes(self, older_than: float) -> builtins.list[str]: ...
+
+    @abc.abstractmethod
+    def _due_timeouts(self, now: datetime | None) -> builtins.list[str]: ...
+
+    def _exists(self, run_id: str) -> bool:
+        """Default: two reads; a backend overrides it with one cheap lookup."""
+        return self._load(run_id) is not None or self._ended(run_id) is not None
+
+    def _stats(self) -> StoreStats:
+        """Default: reads every record; a backend overrides it with cheap counts."""
+        runs = in_flight = pending = 0
+        for info in self._list(RunFilter()):
+            runs += 1
+            request = info.run.current_resume
+            if info.in_flight:
+                in_flight += 1
+            elif request is not None and request.status == "pending":
+                pending += 1
+        return make_stats(runs, in_flight, pending, len(self._due_timeouts(None)))
+
     def _lease_seconds(self, lease_seconds: float | None) -> float:
         return self.lease_seconds if lease_seconds is None else float(lease_seconds)
+
+
+def make_stats(runs: int, in_flight: int, pending: int, due_timeouts: int) -> StoreStats:
+    """The one shape of :meth:`CheckpointStore.stats`."""
+    return StoreStats(
+        runs=runs,
+        paused=runs - in_flight,
+        in_flight=in_flight,
+        pending_resumes=pending,
+        due_timeouts=due_timeouts,
+    )

@@ -18,7 +18,7 @@ def test_child_forked_while_a_lock_is_held_can_use_the_store_and_frees_it(
     inside, release = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with store._locked("forked"):
+        with store._fs.locked("forked"):
             inside.set()
             release.wait(10)
 

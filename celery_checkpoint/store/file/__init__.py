@@ -1,0 +1,556 @@
+"""The file store: one directory on a local POSIX filesystem, no server.
+
+Layout under the store directory::
+
+    paused/<run_id>.json     the checkpoint (authoritative while the run exists)
+    inflight/<run_id>.json   the lease of a claimed run: token, owner, expiry
+    pending/<run_id>         a resume request waiting for a worker (mtime: last sent)
+    deadlines/<run_id>       a pause with a timeout (mtime: when it expires)
+    ended/<run_id>.json      completed, cancelled, expired and failed runs (mtime: when
+                             they ended; ``prune_ended`` deletes old ones)
+    tmp/                     files being written; renamed into place when whole
+    locks/NN.lock            striped ``flock`` locks serialising each run's transitions
+
+Every write goes to a uniquely named file in ``tmp/``, is fsynced, renamed into
+place and the directory fsynced, so a reader sees the old record or the new one
+and a returned ``save`` survives a power cut. Transitions of one run hold its
+stripe's ``flock``, which the kernel releases when a process dies, so a
+``SIGKILL`` never leaves a lock behind. The filesystem work lives in
+:mod:`._fs`; this module holds the contract's rules.
+
+Recovery lists only ``inflight/`` and ``tmp/``: its cost does not grow with the
+number of paused runs.
+
+Needs a local filesystem: ``flock``, ``rename`` and ``fsync`` are not
+trustworthy on NFS or SMB, and such mounts are refused. For several machines use
+the Redis store.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydantic import JsonValue, ValidationError
+
+from ...exceptions import (
+    AlreadyResumed,
+    CheckpointExists,
+    CheckpointNotFound,
+    CorruptCheckpoint,
+    LeaseLost,
+    ResumeRejected,
+    StoreUnavailable,
+)
+from ...model import (
+    DEFAULT_LEASE_SECONDS,
+    EndStatus,
+    Lease,
+    Owner,
+    ResumeRequest,
+    RunRecord,
+    corrupt_detail,
+    utcnow,
+    validate_run_id,
+)
+from ..base import CheckpointStore, RunFilter, RunInfo, StoreStats, make_stats
+from ._fs import Tree
+
+__all__ = ["FileStore"]
+
+logger = logging.getLogger("celery_checkpoint.store.file")
+
+
+class FileStore(CheckpointStore):
+    """Checkpoints as JSON files in a directory. See the module docstring."""
+
+    url = "file://"
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        fsync: bool = True,
+        allow_network_fs: bool = False,
+    ) -> None:
+        super().__init__(lease_seconds=lease_seconds)
+        if isinstance(fsync, str):
+            fsync = fsync.lower() not in ("0", "false", "no", "off")
+        self.root = Path(directory).expanduser().absolute()
+        #: False skips every fsync: faster, and a power cut may lose or tear
+        #: recent writes. Never turn it off where checkpoints matter.
+        self.fsync = bool(fsync)
+        self._fs = Tree(self.root, fsync=self.fsync, allow_network_fs=allow_network_fs)
+
+    def __repr__(self) -> str:
+        return f"FileStore({str(self.root)!r})"
+
+    # -- reading records -----------------------------------------------------
+
+    @contextlib.contextmanager
+    def _io(self, action: str, run_id: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"checkpoint store {self.root}: {action} of run {run_id!r} failed", exc
+            ) from exc
+
+    def _read_run(self, kind: str, run_id: str) -> RunRecord | None:
+        data = self._fs.read(kind, run_id)
+        if data is None:
+            return None
+        try:
+            run = RunRecord.from_json(data)
+        except (ValidationError, ValueError) as exc:
+            raise CorruptCheckpoint(run_id, corrupt_detail(exc, data)) from exc
+        if run.run_id != run_id:
+            raise CorruptCheckpoint(run_id, f"record names run {run.run_id!r}")
+        return run
+
+    def _read_lease(self, run_id: str) -> Lease | None:
+        data = self._fs.read("inflight", run_id)
+        if data is None:
+            return None
+        try:
+            return Lease.model_validate_json(data)
+        except (ValidationError, ValueError) as exc:
+            raise CorruptCheckpoint(
+                run_id, "in-flight marker: " + corrupt_detail(exc, data)
+            ) from exc
+
+    @staticmethod
+    def _live_lease(run: RunRecord | None, lease: Lease | None) -> Lease | None:
+        """The lease if it belongs to the current claim (not superseded by a later write)."""
+        if lease is None or (run is not None and lease.token <= run.last_token):
+            return None
+        return lease
+
+    # -- tolerant reads: a corrupt record must not block a transition of its own run
+
+    def _read_run_tolerant(self, run_id: str, kind: str = "paused") -> RunRecord | None:
+        try:
+            return self._read_run(kind, run_id)
+        except CorruptCheckpoint as exc:
+            self._fs.move_aside(kind, run_id, exc)
+            return None
+
+    def _read_lease_tolerant(self, run_id: str, run: RunRecord | None) -> Lease | None:
+        """The in-flight marker; a corrupt one is moved aside and the run re-armed.
+
+        The lost holder's token is ``run.last_token + 1`` (a claim takes the next
+        one): ``run``, the caller's copy read under the run's lock, is re-armed past
+        it as recovery does, so the next claim cannot hand that token out again.
+        """
+        try:
+            return self._read_lease(run_id)
+        except CorruptCheckpoint as exc:
+            self._fs.move_aside("inflight", run_id, exc)
+            if run is not None:
+                self._rearm(run, run.last_token + 1)
+            return None
+
+    def _set_indexes(self, run: RunRecord) -> None:
+        """The deadline and pending-request entries of a freshly written paused record."""
+        fs = self._fs
+        if run.expires_at is None:
+            fs.unlink("deadlines", run.run_id, sync=False)
+        else:
+            fs.touch("deadlines", run.run_id, run.expires_at.timestamp())
+        if run.resume is not None and run.resume.status == "pending":
+            fs.touch("pending", run.run_id, time.time())
+        else:
+            fs.unlink("pending", run.run_id, sync=False)
+
+    def _drop_indexes(self, run_id: str) -> None:
+        self._fs.unlink("pending", run_id, sync=False)
+        self._fs.unlink("deadlines", run_id, sync=False)
+
+    # -- transitions -----------------------------------------------------------
+
+    def _save(self, run: RunRecord, token: int | None, create: bool) -> None:
+        run_id, fs = run.run_id, self._fs
+        with self._io("save", run_id), fs.locked(run_id):
+            if create:
+                if fs.exists("paused", run_id):
+                    raise CheckpointExists(run_id, "paused")
+                if fs.exists("ended", run_id):
+                    raise CheckpointExists(run_id, "ended")
+            current = self._read_run_tolerant(run_id)
+            lease = self._read_lease_tolerant(run_id, current)
+            live = self._live_lease(current, lease)
+            # A shallow copy: only top-level fields are set below, so the caller's
+            # object is untouched without deep-copying the user's state on every save.
+            record = run.model_copy()
+            record.lease = None
+            if token is not None:
+                if live is None or live.token != token:
+                    raise LeaseLost(run_id, f"token {token} is not the current lease")
+                record.last_token = token
+                record.lease_ended_by = "repause"
+            else:
+                if live is not None:
+                    raise LeaseLost(
+                        run_id, f"the run is in flight under token {live.token}; save with it"
+                    )
+                if current is not None:
+                    record.last_token = max(record.last_token, current.last_token)
+                # A new run under the id of an ended one: its tokens go on growing.
+                ended = self._read_run_tolerant(run_id, kind="ended")
+                if ended is not None:
+                    record.last_token = max(record.last_token, ended.last_token)
+            fs.write("paused", run_id, record.to_json())
+            if token is None:
+                fs.unlink("ended", run_id)
+            self._set_indexes(record)
+            if lease is not None:
+                fs.unlink("inflight", run_id)
+
+    def _exists(self, run_id: str) -> bool:
+        with self._io("exists", run_id):
+            return self._fs.exists("paused", run_id) or self._fs.exists("ended", run_id)
+
+    def _load(self, run_id: str) -> RunRecord | None:
+        with self._io("load", run_id):
+            return self._read_run("paused", run_id)
+
+    def _lease(self, run_id: str) -> Lease | None:
+        with self._io("lease", run_id):
+            return self._live_lease(self._read_run("paused", run_id), self._read_lease(run_id))
+
+    def _claim(
+        self, run_id: str, owner: Owner | None, lease_seconds: float, pause_seq: int | None
+    ) -> RunRecord | None:
+        with self._io("claim", run_id), self._fs.locked(run_id):
+            run = self._read_run("paused", run_id)
+            if run is None or run.ended:
+                return None
+            if pause_seq is not None and run.pause_seq != pause_seq:
+                return None
+            if self._live_lease(run, self._read_lease_tolerant(run_id, run)) is not None:
+                return None
+            if self._fs.exists("ended", run_id):
+                return None  # a cancel was interrupted before it dropped the record
+            now = utcnow()
+            lease = Lease(
+                token=run.last_token + 1,
+                owner=owner or Owner.current(),
+                claimed_at=now,
+                expires_at=now + timedelta(seconds=lease_seconds),
+            )
+            # The lease is not fsynced: it only matters while its holder lives,
+            # and a power cut kills every holder on this machine. A lease lost
+            # that way leaves the run PAUSED with its request pending (it runs
+            # again, as a recovered run would); a torn one is moved aside and
+            # the run re-armed past its token. Either way nothing is lost.
+            self._fs.write("inflight", run_id, lease.model_dump_json().encode(), durable=False)
+            # The pending entry stays: if this lease is lost to a power cut, the
+            # request must still be found and re-sent (due_resumes skips and
+            # drops entries of runs in flight).
+            run.lease = lease
+            return run
+
+    def _request_resume(
+        self,
+        run_id: str,
+        input: JsonValue,
+        request_id: str,
+        pause_seq: int | None,
+        timed_out: bool,
+    ) -> ResumeRequest:
+        with self._io("request_resume", run_id), self._fs.locked(run_id):
+            run = self._read_run("paused", run_id)
+            if run is None:
+                ended = self._read_run_tolerant(run_id, kind="ended")
+                if ended is None:
+                    raise CheckpointNotFound(run_id)
+                done = ended.resume if ended.status == "completed" else None
+                if done is not None and done.request_id == request_id:
+                    return done  # the same resume again, after it ran to completion
+                raise ended.ended_error()
+            if pause_seq is not None and pause_seq != run.pause_seq:
+                raise ResumeRejected(
+                    run_id,
+                    f"the resume aims at pause {pause_seq} but the run is at pause "
+                    f"{run.pause_seq} (step {run.step!r})",
+                )
+            pending = run.current_resume
+            if pending is not None and pending.request_id == request_id:
+                return pending
+            # In flight with no request of this pause (a timeout or a redelivery
+            # claimed it): accepting would be lost when the holder completes.
+            live = self._live_lease(run, self._read_lease_tolerant(run_id, run))
+            if pending is not None and (pending.status == "pending" or live is not None):
+                raise AlreadyResumed(run_id, pending.request_id)
+            if live is not None:
+                raise AlreadyResumed(run_id, f"<none: in flight under token {live.token}>")
+            request = ResumeRequest(
+                request_id=request_id, input=input, pause_seq=run.pause_seq, timed_out=timed_out
+            )
+            run.resume = request
+            self._fs.write("paused", run_id, run.to_json())
+            self._fs.touch("pending", run_id, time.time())
+            return request
+
+    def _heartbeat(self, run_id: str, token: int, lease_seconds: float) -> Lease:
+        with self._io("heartbeat", run_id), self._fs.locked(run_id):
+            lease = self._live_lease(self._read_run("paused", run_id), self._read_lease(run_id))
+            if lease is None or lease.token != token:
+                raise LeaseLost(run_id, f"token {token} is not the current lease")
+            lease = lease.model_copy(
+                update={"expires_at": utcnow() + timedelta(seconds=lease_seconds)}
+            )
+            self._fs.write("inflight", run_id, lease.model_dump_json().encode(), durable=False)
+            return lease
+
+    def _complete(self, run_id: str, token: int | None) -> None:
+        fs = self._fs
+        with self._io("complete", run_id), fs.locked(run_id):
+            run = self._read_run_tolerant(run_id)
+            lease = self._read_lease_tolerant(run_id, run)
+            live = self._live_lease(run, lease)
+            if token is not None:
+                if live is None:
+                    self._check_ended_lease(run_id, run, token)
+                    return  # completed already, or re-paused by this very holder
+                if live.token != token:
+                    raise LeaseLost(run_id, f"token {token} is not the current lease")
+            elif live is None:
+                # Not in flight: a paused record (a fresh re-pause) stays as it is.
+                if lease is not None:
+                    fs.unlink("inflight", run_id)
+                return
+            # Record first and durably, then the marker: a crash in between, or a
+            # power cut that loses the marker's unlink, leaves a marker with no
+            # record, which recovery drops; never a record that looks paused again.
+            if fs.unlink("paused", run_id):
+                self._drop_indexes(run_id)
+                if run is not None and live is not None:
+                    # A tombstone: a late writer with an older token, a redelivered
+                    # first execution and a repeated resume must see that the run
+                    # completed. Not fsynced: after a power cut nobody is late.
+                    run.status = "completed"
+                    run.lease_ended_by = "complete"
+                    run.last_token = live.token
+                    fs.write("ended", run_id, run.to_json(), durable=False)
+            fs.unlink("inflight", run_id, sync=False)
+
+    def _check_ended_lease(self, run_id: str, run: RunRecord | None, token: int) -> None:
+        """Raise LeaseLost unless ``token``'s lease ended by completing or re-pausing."""
+        if run is None:
+            ended = self._read_run_tolerant(run_id, kind="ended")
+            if ended is not None and ended.status == "completed" and ended.last_token == token:
+                return  # this holder completed it: complete() is idempotent
+            if ended is not None and ended.last_token >= token:
+                raise LeaseLost(run_id, f"the run was {ended.status}")
+            return
+        if run.last_token == token and run.lease_ended_by == "repause":
+            return
+        if run.last_token >= token:
+            raise LeaseLost(
+                run_id, f"token {token} ended by {run.lease_ended_by or 'a later claim'}"
+            )
+        raise LeaseLost(run_id, f"token {token} is not the current lease")
+
+    def _release(self, run_id: str, token: int, error: str | None) -> None:
+        with self._io("release", run_id), self._fs.locked(run_id):
+            run = self._read_run("paused", run_id)
+            live = self._live_lease(run, self._read_lease_tolerant(run_id, run))
+            if run is None or live is None or live.token != token:
+                raise LeaseLost(run_id, f"token {token} is not the current lease")
+            run.last_token = token
+            run.lease_ended_by = "release"
+            if run.resume is not None:
+                run.resume.status = "failed"
+                run.resume.error = error
+            self._fs.write("paused", run_id, run.to_json())
+            self._fs.unlink("inflight", run_id)
+
+    def _recover_orphaned(self) -> builtins.list[RunRecord]:
+        recovered: builtins.list[RunRecord] = []
+        with self._io("recover_orphaned", "*"):
+            self._fs.sweep_tmp()
+            for run_id in self._fs.names("inflight"):
+                try:
+                    validate_run_id(run_id)
+                    run = self._recover_one(run_id)
+                except CorruptCheckpoint as exc:
+                    logger.warning("skipping corrupt checkpoint during recovery: %s", exc)
+                    continue
+                except ValueError:
+                    continue  # not one of ours
+                if run is not None:
+                    recovered.append(run)
+        return recovered
+
+    def _recover_one(self, run_id: str) -> RunRecord | None:
+        fs = self._fs
+        with fs.locked(run_id):
+            try:
+                run = self._read_run("paused", run_id)
+            except CorruptCheckpoint as exc:
+                fs.move_aside("paused", run_id, exc)
+                fs.unlink("inflight", run_id)
+                raise
+            try:
+                lease = self._read_lease(run_id)
+            except CorruptCheckpoint as exc:
+                # The holder, if alive, has token last_token + 1: bump past it.
+                fs.move_aside("inflight", run_id, exc)
+                if run is not None:
+                    return self._rearm(run, run.last_token + 1)
+                return None
+            if lease is None:
+                return None
+            if run is None or lease.token <= run.last_token:
+                # Completed, or re-paused/released before a crash: the paused
+                # record (or its absence) is authoritative.
+                fs.unlink("inflight", run_id)
+                return None
+            if not lease.expired(utcnow()) and not lease.owner.is_dead_here():
+                return None
+            return self._rearm(run, lease.token)
+
+    def _rearm(self, run: RunRecord, token: int) -> RunRecord:
+        run.last_token = token
+        run.lease_ended_by = "recovery"
+        run.recoveries += 1
+        self._fs.write("paused", run.run_id, run.to_json())
+        if run.resume is not None and run.resume.status == "pending":
+            self._fs.touch("pending", run.run_id, 0.0)  # due for re-sending at once
+        self._fs.unlink("inflight", run.run_id)
+        logger.info("re-armed orphaned run %s (recovery %d)", run.run_id, run.recoveries)
+        return run
+
+    def _end(
+        self, run_id: str, status: EndStatus, reason: str | None, token: int | None
+    ) -> RunRecord | None:
+        fs = self._fs
+        with self._io("end", run_id), fs.locked(run_id):
+            run = self._read_run("paused", run_id)
+            if run is None:
+                return None
+            live = self._live_lease(run, self._read_lease_tolerant(run_id, run))
+            if token is not None and (live is None or live.token != token):
+                raise LeaseLost(run_id, f"token {token} is not the current lease")
+            if live is not None:
+                run.last_token = live.token  # fence the holder
+            run.lease_ended_by = "cancel"
+            run.status = status
+            run.ended_reason = reason
+            fs.write("ended", run_id, run.to_json())
+            fs.unlink("paused", run_id)
+            fs.unlink("inflight", run_id)
+            self._drop_indexes(run_id)
+            return run
+
+    def _ended(self, run_id: str) -> RunRecord | None:
+        with self._io("ended", run_id):
+            return self._read_run("ended", run_id)
+
+    # -- reading many runs -------------------------------------------------------
+
+    def _list(self, where: RunFilter) -> Iterator[RunInfo]:
+        cutoff = where.cutoff
+        with self._io("list", "*"):
+            for run_id in self._fs.names("paused"):
+                try:
+                    run = self._read_run("paused", run_id)
+                    lease = None if run is None else self._read_lease(run_id)
+                except CorruptCheckpoint:
+                    # Under the lock, re-read: a writer may have replaced the file
+                    # meanwhile; only what is still corrupt is moved aside.
+                    with self._fs.locked(run_id):
+                        run = self._read_run_tolerant(run_id)
+                        lease = None if run is None else self._read_lease_tolerant(run_id, run)
+                if run is None:
+                    continue  # completed while we listed, or corrupt and moved aside
+                if where.matches(run, cutoff):
+                    yield RunInfo(run=run, lease=self._live_lease(run, lease))
+
+    def _count(self) -> int:
+        with self._io("count", "*"):
+            return sum(1 for _ in self._fs.names("paused"))
+
+    def _stats(self) -> StoreStats:
+        """Counted from the directory indexes: cheap with any number of paused runs."""
+        with self._io("stats", "*"):
+            runs = self._count()
+            in_flight = 0
+            for run_id in self._fs.names("inflight"):
+                try:
+                    in_flight += self.lease(run_id) is not None
+                except (CorruptCheckpoint, ValueError):
+                    continue
+            pending = sum(1 for _ in self._fs.names("pending"))
+            return make_stats(runs, in_flight, pending, len(self._due_timeouts(None)))
+
+    def _due_resumes(self, older_than: float) -> builtins.list[str]:
+        due: builtins.list[str] = []
+        now = time.time()
+        fs = self._fs
+        with self._io("due_resumes", "*"):
+            for entry in fs.entries("pending"):
+                try:
+                    if entry.stat().st_mtime > now - older_than:
+                        continue
+                    run_id = validate_run_id(entry.name)
+                except (FileNotFoundError, ValueError):
+                    continue
+                with fs.locked(run_id):
+                    run = self._read_run_tolerant(run_id)
+                    if (
+                        run is None
+                        or run.resume is None
+                        or run.resume.status != "pending"
+                        or self._live_lease(run, self._read_lease_tolerant(run_id, run)) is not None
+                    ):
+                        fs.unlink("pending", run_id, sync=False)
+                        continue
+                    fs.touch("pending", run_id, now)
+                    due.append(run_id)
+        return due
+
+    def _prune_ended(self, older_than: float) -> int:
+        cutoff = time.time() - older_than
+        pruned = 0
+        fs = self._fs
+        with self._io("prune_ended", "*"):
+            for entry in fs.entries("ended"):
+                if not entry.name.endswith(".json"):
+                    continue  # corrupt copies are evidence: never pruned
+                try:
+                    run_id = validate_run_id(entry.name[: -len(".json")])
+                    if entry.stat().st_mtime > cutoff:
+                        continue
+                except (FileNotFoundError, ValueError):
+                    continue
+                with fs.locked(run_id):
+                    try:  # ended again since the scan?
+                        if os.stat(fs.path("ended", run_id)).st_mtime > cutoff:
+                            continue
+                    except FileNotFoundError:
+                        continue
+                    pruned += fs.unlink("ended", run_id, sync=False)
+            if pruned:
+                fs.sync_dir("ended")
+        return pruned
+
+    def _due_timeouts(self, now: datetime | None) -> builtins.list[str]:
+        at = (now or utcnow()).timestamp()
+        due: builtins.list[str] = []
+        with self._io("due_timeouts", "*"):
+            for entry in self._fs.entries("deadlines"):
+                try:
+                    if entry.stat().st_mtime <= at:
+                        due.append(validate_run_id(entry.name))
+                except (FileNotFoundError, ValueError):
+                    continue
+        return due

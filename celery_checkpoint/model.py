@@ -38,6 +38,7 @@ __all__ = [
     "ResumeRequest",
     "RunRecord",
     "RunStatus",
+    "Via",
     "corrupt_detail",
     "utcnow",
     "validate_run_id",
@@ -59,6 +60,8 @@ _RESERVED_SUFFIXES = (".json", ".inflight", ".corrupt", ".tmp", ".lock", ".pendi
 RunStatus = Literal["paused", "cancelled", "expired", "failed", "completed"]
 #: How a run can be ended from outside its body (``CheckpointStore.end``).
 EndStatus = Literal["cancelled", "expired", "failed"]
+#: Through what an answer reached a pause (recorded on its request).
+Via = Literal["code", "cli", "api", "inbox", "link", "webhook", "timeout"]
 
 
 def utcnow() -> datetime:
@@ -200,6 +203,10 @@ class ResumeRequest(BaseModel):
     status: Literal["pending", "failed"] = "pending"
     error: str | None = None
     timed_out: bool = False
+    #: Who answered (a user name, an e-mail, a service), as the caller said.
+    actor: str | None = None
+    #: Through what the answer came.
+    via: Via = "code"
 
 
 class CeleryRequest(BaseModel):
@@ -234,6 +241,12 @@ class RunRecord(BaseModel):
     reason: str | None = None
     # Import path ("module:QualName") of the type the resume input must match.
     expects: str | None = None
+    # The JSON Schema of ``expects`` taken at pause time: a form can be drawn
+    # from it without importing the task's code.
+    expects_schema: dict[str, JsonValue] | None = None
+    # A business key naming the pause (a payment intent, an envelope id): unique
+    # among live runs, so an answer can find the run without its id.
+    key: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     paused_at: datetime = Field(default_factory=utcnow)
     expires_at: datetime | None = None
@@ -248,6 +261,10 @@ class RunRecord(BaseModel):
     recoveries: int = 0
     status: RunStatus = "paused"
     ended_reason: str | None = None
+    ended_at: datetime | None = None
+    # The body's return value as kombu JSON text, kept with the completion so
+    # a worker killed before Celery stored it can still deliver it.
+    result: str | None = None
     # Set on the record a claim returns; never stored on the paused record.
     lease: Lease | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
@@ -257,7 +274,7 @@ class RunRecord(BaseModel):
     def _check_run_id(cls, value: str) -> str:
         return validate_run_id(value)
 
-    @field_validator("created_at", "paused_at", "expires_at")
+    @field_validator("created_at", "paused_at", "expires_at", "ended_at")
     @classmethod
     def _utc(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:

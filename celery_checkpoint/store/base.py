@@ -44,6 +44,7 @@ from ..model import (
     Owner,
     ResumeRequest,
     RunRecord,
+    Via,
     utcnow,
     validate_run_id,
 )
@@ -222,6 +223,8 @@ class CheckpointStore(abc.ABC):
         *,
         pause_seq: int | None = None,
         timed_out: bool = False,
+        actor: str | None = None,
+        via: Via = "code",
     ) -> ResumeRequest:
         """Attach a pending resume request to a paused run (compare-and-set).
 
@@ -235,9 +238,15 @@ class CheckpointStore(abc.ABC):
         """
         if not isinstance(request_id, str) or not request_id:
             raise ValueError("request_resume needs a non-empty request id")
-        return self._request_resume(
-            validate_run_id(run_id), input, request_id, pause_seq, timed_out
+        request = ResumeRequest(
+            request_id=request_id,
+            input=input,
+            pause_seq=0,  # the store sets the run's current pause
+            timed_out=timed_out,
+            actor=actor,
+            via=via,
         )
+        return self._request_resume(validate_run_id(run_id), request, pause_seq)
 
     def heartbeat(self, run_id: str, token: int, *, lease_seconds: float | None = None) -> Lease:
         """Extend the lease from now; ``LeaseLost`` if ``token`` is stale."""
@@ -378,13 +387,9 @@ class CheckpointStore(abc.ABC):
 
     @abc.abstractmethod
     def _request_resume(
-        self,
-        run_id: str,
-        input: JsonValue,
-        request_id: str,
-        pause_seq: int | None,
-        timed_out: bool,
-    ) -> ResumeRequest: ...
+        self, run_id: str, request: ResumeRequest, pause_seq: int | None
+    ) -> ResumeRequest:
+        """``request`` is the one to record, its ``pause_seq`` set to the run's."""
 
     @abc.abstractmethod
     def _heartbeat(self, run_id: str, token: int, lease_seconds: float) -> Lease: ...

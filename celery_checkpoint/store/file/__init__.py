@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from pydantic import JsonValue, ValidationError
+from pydantic import ValidationError
 
 from ...exceptions import (
     AlreadyResumed,
@@ -258,13 +258,9 @@ class FileStore(CheckpointStore):
             return run
 
     def _request_resume(
-        self,
-        run_id: str,
-        input: JsonValue,
-        request_id: str,
-        pause_seq: int | None,
-        timed_out: bool,
+        self, run_id: str, request: ResumeRequest, pause_seq: int | None
     ) -> ResumeRequest:
+        request_id = request.request_id
         with self._io("request_resume", run_id), self._fs.locked(run_id):
             run = self._read_run("paused", run_id)
             if run is None:
@@ -291,9 +287,7 @@ class FileStore(CheckpointStore):
                 raise AlreadyResumed(run_id, pending.request_id)
             if live is not None:
                 raise AlreadyResumed(run_id, f"<none: in flight under token {live.token}>")
-            request = ResumeRequest(
-                request_id=request_id, input=input, pause_seq=run.pause_seq, timed_out=timed_out
-            )
+            request = request.model_copy(update={"pause_seq": run.pause_seq})
             run.resume = request
             self._fs.write("paused", run_id, run.to_json())
             self._fs.touch("pending", run_id, time.time())

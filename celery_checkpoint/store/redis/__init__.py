@@ -105,7 +105,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, Literal, cast
 
-from pydantic import JsonValue, ValidationError
+from pydantic import ValidationError
 
 from ...exceptions import (
     AlreadyResumed,
@@ -365,16 +365,9 @@ class RedisStore(CheckpointStore):
         return run
 
     def _request_resume(
-        self,
-        run_id: str,
-        input: JsonValue,
-        request_id: str,
-        pause_seq: int | None,
-        timed_out: bool,
+        self, run_id: str, request: ResumeRequest, pause_seq: int | None
     ) -> ResumeRequest:
-        request = ResumeRequest(
-            request_id=request_id, input=input, pause_seq=pause_seq or 0, timed_out=timed_out
-        )
+        request_id = request.request_id
         result = self._run(
             "request_resume",
             "request_resume",

@@ -28,25 +28,18 @@ the Redis store.
 
 from __future__ import annotations
 
-import builtins
-import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
-
-from pydantic import ValidationError
 
 from ...exceptions import (
     AlreadyResumed,
     CheckpointExists,
     CheckpointNotFound,
-    CorruptCheckpoint,
     LeaseLost,
     ResumeRejected,
-    StoreUnavailable,
 )
 from ...model import (
     DEFAULT_LEASE_SECONDS,
@@ -55,19 +48,18 @@ from ...model import (
     Owner,
     ResumeRequest,
     RunRecord,
-    corrupt_detail,
     utcnow,
-    validate_run_id,
 )
-from ..base import CheckpointStore, RunFilter, RunInfo, StoreStats, make_stats
+from ..base import CheckpointStore
 from ._fs import Tree
+from ._sweeps import Sweeps
 
 __all__ = ["FileStore"]
 
 logger = logging.getLogger("celery_checkpoint.store.file")
 
 
-class FileStore(CheckpointStore):
+class FileStore(Sweeps, CheckpointStore):
     """Checkpoints as JSON files in a directory. See the module docstring."""
 
     url = "file://"
@@ -91,87 +83,6 @@ class FileStore(CheckpointStore):
 
     def __repr__(self) -> str:
         return f"FileStore({str(self.root)!r})"
-
-    # -- reading records -----------------------------------------------------
-
-    @contextlib.contextmanager
-    def _io(self, action: str, run_id: str) -> Iterator[None]:
-        try:
-            yield
-        except OSError as exc:
-            raise StoreUnavailable(
-                f"checkpoint store {self.root}: {action} of run {run_id!r} failed", exc
-            ) from exc
-
-    def _read_run(self, kind: str, run_id: str) -> RunRecord | None:
-        data = self._fs.read(kind, run_id)
-        if data is None:
-            return None
-        try:
-            run = RunRecord.from_json(data)
-        except (ValidationError, ValueError) as exc:
-            raise CorruptCheckpoint(run_id, corrupt_detail(exc, data)) from exc
-        if run.run_id != run_id:
-            raise CorruptCheckpoint(run_id, f"record names run {run.run_id!r}")
-        return run
-
-    def _read_lease(self, run_id: str) -> Lease | None:
-        data = self._fs.read("inflight", run_id)
-        if data is None:
-            return None
-        try:
-            return Lease.model_validate_json(data)
-        except (ValidationError, ValueError) as exc:
-            raise CorruptCheckpoint(
-                run_id, "in-flight marker: " + corrupt_detail(exc, data)
-            ) from exc
-
-    @staticmethod
-    def _live_lease(run: RunRecord | None, lease: Lease | None) -> Lease | None:
-        """The lease if it belongs to the current claim (not superseded by a later write)."""
-        if lease is None or (run is not None and lease.token <= run.last_token):
-            return None
-        return lease
-
-    # -- tolerant reads: a corrupt record must not block a transition of its own run
-
-    def _read_run_tolerant(self, run_id: str, kind: str = "paused") -> RunRecord | None:
-        try:
-            return self._read_run(kind, run_id)
-        except CorruptCheckpoint as exc:
-            self._fs.move_aside(kind, run_id, exc)
-            return None
-
-    def _read_lease_tolerant(self, run_id: str, run: RunRecord | None) -> Lease | None:
-        """The in-flight marker; a corrupt one is moved aside and the run re-armed.
-
-        The lost holder's token is ``run.last_token + 1`` (a claim takes the next
-        one): ``run``, the caller's copy read under the run's lock, is re-armed past
-        it as recovery does, so the next claim cannot hand that token out again.
-        """
-        try:
-            return self._read_lease(run_id)
-        except CorruptCheckpoint as exc:
-            self._fs.move_aside("inflight", run_id, exc)
-            if run is not None:
-                self._rearm(run, run.last_token + 1)
-            return None
-
-    def _set_indexes(self, run: RunRecord) -> None:
-        """The deadline and pending-request entries of a freshly written paused record."""
-        fs = self._fs
-        if run.expires_at is None:
-            fs.unlink("deadlines", run.run_id, sync=False)
-        else:
-            fs.touch("deadlines", run.run_id, run.expires_at.timestamp())
-        if run.resume is not None and run.resume.status == "pending":
-            fs.touch("pending", run.run_id, time.time())
-        else:
-            fs.unlink("pending", run.run_id, sync=False)
-
-    def _drop_indexes(self, run_id: str) -> None:
-        self._fs.unlink("pending", run_id, sync=False)
-        self._fs.unlink("deadlines", run_id, sync=False)
 
     # -- transitions -----------------------------------------------------------
 
@@ -336,23 +247,6 @@ class FileStore(CheckpointStore):
                     fs.write("ended", run_id, run.to_json(), durable=False)
             fs.unlink("inflight", run_id, sync=False)
 
-    def _check_ended_lease(self, run_id: str, run: RunRecord | None, token: int) -> None:
-        """Raise LeaseLost unless ``token``'s lease ended by completing or re-pausing."""
-        if run is None:
-            ended = self._read_run_tolerant(run_id, kind="ended")
-            if ended is not None and ended.status == "completed" and ended.last_token == token:
-                return  # this holder completed it: complete() is idempotent
-            if ended is not None and ended.last_token >= token:
-                raise LeaseLost(run_id, f"the run was {ended.status}")
-            return
-        if run.last_token == token and run.lease_ended_by == "repause":
-            return
-        if run.last_token >= token:
-            raise LeaseLost(
-                run_id, f"token {token} ended by {run.lease_ended_by or 'a later claim'}"
-            )
-        raise LeaseLost(run_id, f"token {token} is not the current lease")
-
     def _release(self, run_id: str, token: int, error: str | None) -> None:
         with self._io("release", run_id), self._fs.locked(run_id):
             run = self._read_run("paused", run_id)
@@ -366,62 +260,6 @@ class FileStore(CheckpointStore):
                 run.resume.error = error
             self._fs.write("paused", run_id, run.to_json())
             self._fs.unlink("inflight", run_id)
-
-    def _recover_orphaned(self) -> builtins.list[RunRecord]:
-        recovered: builtins.list[RunRecord] = []
-        with self._io("recover_orphaned", "*"):
-            self._fs.sweep_tmp()
-            for run_id in self._fs.names("inflight"):
-                try:
-                    validate_run_id(run_id)
-                    run = self._recover_one(run_id)
-                except CorruptCheckpoint as exc:
-                    logger.warning("skipping corrupt checkpoint during recovery: %s", exc)
-                    continue
-                except ValueError:
-                    continue  # not one of ours
-                if run is not None:
-                    recovered.append(run)
-        return recovered
-
-    def _recover_one(self, run_id: str) -> RunRecord | None:
-        fs = self._fs
-        with fs.locked(run_id):
-            try:
-                run = self._read_run("paused", run_id)
-            except CorruptCheckpoint as exc:
-                fs.move_aside("paused", run_id, exc)
-                fs.unlink("inflight", run_id)
-                raise
-            try:
-                lease = self._read_lease(run_id)
-            except CorruptCheckpoint as exc:
-                # The holder, if alive, has token last_token + 1: bump past it.
-                fs.move_aside("inflight", run_id, exc)
-                if run is not None:
-                    return self._rearm(run, run.last_token + 1)
-                return None
-            if lease is None:
-                return None
-            if run is None or lease.token <= run.last_token:
-                # Completed, or re-paused/released before a crash: the paused
-                # record (or its absence) is authoritative.
-                fs.unlink("inflight", run_id)
-                return None
-            if not lease.expired(utcnow()) and not lease.owner.is_dead_here():
-                return None
-            return self._rearm(run, lease.token)
-
-    def _rearm(self, run: RunRecord, token: int) -> RunRecord:
-        run.last_token = token
-        run.lease_ended_by = "recovery"
-        run.recoveries += 1
-        self._fs.write("paused", run.run_id, run.to_json())
-        if run.resume is not None and run.resume.status == "pending":
-            self._fs.touch("pending", run.run_id, 0.0)  # due for re-sending at once
-        self._fs.unlink("inflight", run.run_id)
-        logger.info("re-armed orphaned run %s (recovery %d)", run.run_id, run.recoveries)
-        return run
 
     def _end(
         self, run_id: str, status: EndStatus, reason: str | None, token: int | None
@@ -448,103 +286,3 @@ class FileStore(CheckpointStore):
     def _ended(self, run_id: str) -> RunRecord | None:
         with self._io("ended", run_id):
             return self._read_run("ended", run_id)
-
-    # -- reading many runs -------------------------------------------------------
-
-    def _list(self, where: RunFilter) -> Iterator[RunInfo]:
-        cutoff = where.cutoff
-        with self._io("list", "*"):
-            for run_id in self._fs.names("paused"):
-                try:
-                    run = self._read_run("paused", run_id)
-                    lease = None if run is None else self._read_lease(run_id)
-                except CorruptCheckpoint:
-                    # Under the lock, re-read: a writer may have replaced the file
-                    # meanwhile; only what is still corrupt is moved aside.
-                    with self._fs.locked(run_id):
-                        run = self._read_run_tolerant(run_id)
-                        lease = None if run is None else self._read_lease_tolerant(run_id, run)
-                if run is None:
-                    continue  # completed while we listed, or corrupt and moved aside
-                if where.matches(run, cutoff):
-                    yield RunInfo(run=run, lease=self._live_lease(run, lease))
-
-    def _count(self) -> int:
-        with self._io("count", "*"):
-            return sum(1 for _ in self._fs.names("paused"))
-
-    def _stats(self) -> StoreStats:
-        """Counted from the directory indexes: cheap with any number of paused runs."""
-        with self._io("stats", "*"):
-            runs = self._count()
-            in_flight = 0
-            for run_id in self._fs.names("inflight"):
-                try:
-                    in_flight += self.lease(run_id) is not None
-                except (CorruptCheckpoint, ValueError):
-                    continue
-            pending = sum(1 for _ in self._fs.names("pending"))
-            return make_stats(runs, in_flight, pending, len(self._due_timeouts(None)))
-
-    def _due_resumes(self, older_than: float) -> builtins.list[str]:
-        due: builtins.list[str] = []
-        now = time.time()
-        fs = self._fs
-        with self._io("due_resumes", "*"):
-            for entry in fs.entries("pending"):
-                try:
-                    if entry.stat().st_mtime > now - older_than:
-                        continue
-                    run_id = validate_run_id(entry.name)
-                except (FileNotFoundError, ValueError):
-                    continue
-                with fs.locked(run_id):
-                    run = self._read_run_tolerant(run_id)
-                    if (
-                        run is None
-                        or run.resume is None
-                        or run.resume.status != "pending"
-                        or self._live_lease(run, self._read_lease_tolerant(run_id, run)) is not None
-                    ):
-                        fs.unlink("pending", run_id, sync=False)
-                        continue
-                    fs.touch("pending", run_id, now)
-                    due.append(run_id)
-        return due
-
-    def _prune_ended(self, older_than: float) -> int:
-        cutoff = time.time() - older_than
-        pruned = 0
-        fs = self._fs
-        with self._io("prune_ended", "*"):
-            for entry in fs.entries("ended"):
-                if not entry.name.endswith(".json"):
-                    continue  # corrupt copies are evidence: never pruned
-                try:
-                    run_id = validate_run_id(entry.name[: -len(".json")])
-                    if entry.stat().st_mtime > cutoff:
-                        continue
-                except (FileNotFoundError, ValueError):
-                    continue
-                with fs.locked(run_id):
-                    try:  # ended again since the scan?
-                        if os.stat(fs.path("ended", run_id)).st_mtime > cutoff:
-                            continue
-                    except FileNotFoundError:
-                        continue
-                    pruned += fs.unlink("ended", run_id, sync=False)
-            if pruned:
-                fs.sync_dir("ended")
-        return pruned
-
-    def _due_timeouts(self, now: datetime | None) -> builtins.list[str]:
-        at = (now or utcnow()).timestamp()
-        due: builtins.list[str] = []
-        with self._io("due_timeouts", "*"):
-            for entry in self._fs.entries("deadlines"):
-                try:
-                    if entry.stat().st_mtime <= at:
-                        due.append(validate_run_id(entry.name))
-                except (FileNotFoundError, ValueError):
-                    continue
-        return due

@@ -94,16 +94,9 @@ after a lost reply may run it twice.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
-import functools
-import hashlib
 import logging
-import os
-import socket
-from collections.abc import Iterator
-from datetime import datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -123,35 +116,27 @@ from ...model import (
     Owner,
     ResumeRequest,
     RunRecord,
-    corrupt_detail,
 )
-from ..base import CheckpointStore, RunFilter, RunInfo, StoreStats, make_stats
+from ..base import CheckpointStore
 from ._codec import (
     GROUPS,
     from_ms,
     group_of,
     lease_from,
-    not_a_hash,
-    overlay,
     resume_from,
-    split,
     split_flat,
     text,
     us,
-    valid,
-    wrong_type,
 )
 from ._connection import Connection
+from ._sweeps import Sweeps
 
 __all__ = ["RedisStore", "group_of"]
 
 logger = logging.getLogger("celery_checkpoint.store.redis")
 
-_PAGE = 100  # runs read per round trip by list()
-_DUE_BATCH = 500  # pending requests examined per script run by due_resumes()
 
-
-class RedisStore(CheckpointStore):
+class RedisStore(Sweeps, CheckpointStore):
     """Checkpoints in Redis, each transition one Lua script. See the package docstring."""
 
     url = "redis://, rediss://, unix://"
@@ -177,78 +162,6 @@ class RedisStore(CheckpointStore):
 
     def close(self) -> None:
         self._conn.close()
-
-    # -- plumbing ----------------------------------------------------------------
-
-    def _group(self, run_id: str) -> str:
-        """The key base of the run's group (its hash tag)."""
-        return self._groups[group_of(run_id)]
-
-    def _run(self, script: str, action: str, run_id: str, *args: Any) -> builtins.list[Any]:
-        """One transition: one script, one round trip, never retried."""
-        group = self._group(run_id)
-        try:
-            result = self._conn.evalsha(script, f"{group}run:{run_id}", run_id, group, *args)
-        except self._conn.errors as exc:
-            if wrong_type(exc):
-                raise not_a_hash(run_id) from exc
-            raise self._conn.unavailable(action, run_id, exc) from exc
-        result[0] = text(result[0])
-        return result
-
-    def _key(self, run_id: str, suffix: str = "") -> str:
-        """A key of the run: its hash (no suffix), ``/ended``, ``/corrupt``..."""
-        return f"{self._group(run_id)}run:{run_id}{suffix}"
-
-    def _default_owner(self) -> tuple[Owner, str]:
-        pid = os.getpid()
-        if self._owner is None or self._owner[0] != pid:
-            owner = Owner.current()
-            self._owner = (pid, owner, owner.model_dump_json())
-        return self._owner[1], self._owner[2]
-
-    def _record(self, run_id: str, body: bytes | str, ctl: dict[str, str]) -> RunRecord:
-        try:
-            run = RunRecord.from_json(body)
-            overlay(run, ctl)
-        except (ValidationError, ValueError, KeyError) as exc:
-            raise CorruptCheckpoint(run_id, corrupt_detail(exc, body)) from exc
-        if run.run_id != run_id:
-            raise CorruptCheckpoint(run_id, f"record names run {run.run_id!r}")
-        return run
-
-    def _read_run(
-        self, action: str, run_id: str, *, ended: bool = False
-    ) -> tuple[bytes | None, dict[str, str]]:
-        """The run's record JSON (None if there is no run) and its other fields."""
-        key = self._key(run_id, "/ended" if ended else "")
-        try:
-            raw = self._conn.read(action, run_id, lambda: self._conn.client.hgetall(key))
-        except StoreUnavailable as exc:
-            if wrong_type(exc.cause):
-                raise not_a_hash(run_id) from exc
-            raise
-        return split(cast("dict[Any, Any]", raw).items())
-
-    def _raw_value(self, run_id: str) -> bytes:
-        """What a key that is not a run hash holds, if a string (to move it aside)."""
-        with contextlib.suppress(Exception):
-            value = self._conn.client.get(self._key(run_id))
-            if isinstance(value, bytes):
-                return value
-        return b""
-
-    def _quarantine(self, run_id: str, body: bytes | str, exc: CorruptCheckpoint) -> None:
-        """Move a corrupt run aside to ``.../corrupt`` (``/corrupt.1``... if taken),
-        unless it changed meanwhile."""
-        data = body.encode() if isinstance(body, str) else body
-        try:
-            result = self._run("quarantine", "quarantine", run_id, hashlib.sha1(data).hexdigest())
-        except StoreUnavailable as err:
-            logger.warning("could not move corrupt checkpoint %s aside: %s", run_id, err)
-            return
-        if result[0] == "ok":
-            logger.warning("moved corrupt checkpoint aside to %s: %s", text(result[1]), exc)
 
     # -- the contract --------------------------------------------------------------
 
@@ -439,88 +352,6 @@ class RedisStore(CheckpointStore):
         if result[0] != "ok":
             raise LeaseLost(run_id, f"token {token} is not the current lease")
 
-    def _recover_orphaned(self) -> builtins.list[RunRecord]:
-        recovered: builtins.list[RunRecord] = []
-        host = socket.gethostname()
-        for group in self._groups:
-            self._recover_group(group, host, recovered)
-        return recovered
-
-    def _recover_group(self, group: str, host: str, recovered: builtins.list[RunRecord]) -> None:
-        """Re-arm the group's runs whose lease expired or whose owner on this host died."""
-        expired = self._conn.read(
-            "recover_orphaned",
-            "*",
-            lambda: self._conn.scripts["due"](keys=[group + "inflight"], args=["", "ms"]),
-        )
-        seen: set[str] = set()
-        for raw in expired:
-            run_id = text(raw)
-            seen.add(run_id)
-            self._rearm(run_id, "expired", "", "", recovered)
-        members: set[Any] = self._conn.read(
-            "recover_orphaned", "*", lambda: self._conn.client.smembers(f"{group}owners:{host}")
-        )
-        ours = sorted(run_id for run_id in ({text(m) for m in members} - seen) if valid(run_id))
-        if not ours:
-            return
-
-        def leases() -> builtins.list[Any]:
-            pipe = self._conn.client.pipeline(transaction=False)
-            for run_id in ours:
-                pipe.hmget(f"{group}run:{run_id}", "lease_token", "lease_owner")
-            # A key of the wrong type is one corrupt run (_rearm moves it aside).
-            result: builtins.list[Any] = pipe.execute(raise_on_error=False)
-            return result
-
-        for run_id, reply in zip(
-            ours, self._conn.read("recover_orphaned", "*", leases), strict=True
-        ):
-            if isinstance(reply, Exception):
-                if not wrong_type(reply):
-                    raise self._conn.unavailable("recover_orphaned", run_id, reply)
-                self._rearm(run_id, "dead", "", host, recovered)
-                continue
-            token, owner_json = reply
-            if token is None:
-                self._rearm(run_id, "dead", "", host, recovered)  # drops the stale entry
-                continue
-            try:
-                dead = Owner.model_validate_json(owner_json).is_dead_here()
-            except (ValidationError, ValueError):
-                dead = False
-            if dead:
-                self._rearm(run_id, "dead", int(token), host, recovered)
-
-    def _rearm(
-        self,
-        run_id: str,
-        mode: str,
-        token: int | str,
-        host: str,
-        recovered: builtins.list[RunRecord],
-    ) -> None:
-        if not valid(run_id):
-            return
-        try:
-            result = self._run("rearm", "recover_orphaned", run_id, mode, token, host)
-        except CorruptCheckpoint as exc:  # its key is not a run hash
-            logger.warning("skipping corrupt checkpoint during recovery: %s", exc)
-            self._quarantine(run_id, self._raw_value(run_id), exc)
-            return
-        if result[0] != "ok":
-            return
-        body, fields = split_flat(result[1])
-        assert body is not None  # the script re-arms only a run with a record
-        try:
-            run = self._record(run_id, body, fields)
-        except CorruptCheckpoint as exc:
-            logger.warning("skipping corrupt checkpoint during recovery: %s", exc)
-            self._quarantine(run_id, body, exc)
-            return
-        logger.info("re-armed orphaned run %s (recovery %d)", run_id, run.recoveries)
-        recovered.append(run)
-
     def _end(
         self, run_id: str, status: EndStatus, reason: str | None, token: int | None
     ) -> RunRecord | None:
@@ -549,141 +380,3 @@ class RedisStore(CheckpointStore):
     def _ended(self, run_id: str) -> RunRecord | None:
         body, ctl = self._read_run("ended", run_id, ended=True)
         return None if body is None else self._record(run_id, body, ctl)
-
-    def _list(self, where: RunFilter) -> Iterator[RunInfo]:
-        cutoff = where.cutoff
-        cutoff_us = None if cutoff is None else us(cutoff)
-        for group in self._groups:
-            seen: set[str] = set()  # ZSCAN may return a member twice while the set rehashes
-            cursor = 0
-
-            def scan() -> tuple[int, builtins.list[tuple[bytes, float]]]:
-                page: tuple[int, builtins.list[tuple[bytes, float]]]
-                page = self._conn.client.zscan(group + "paused", cursor, count=_PAGE)  # noqa: B023
-                return page
-
-            while True:
-                cursor, page = self._conn.read("list", "*", scan)
-                batch: builtins.list[str] = []
-                for member, score in page:
-                    run_id = text(member)
-                    if run_id in seen or not valid(run_id):
-                        continue
-                    seen.add(run_id)
-                    if cutoff_us is not None and score > cutoff_us:
-                        continue
-                    batch.append(run_id)
-                yield from self._list_batch(group, batch, where, cutoff)
-                if int(cursor) == 0:
-                    break
-
-    def _list_batch(
-        self,
-        group: str,
-        batch: builtins.list[str],
-        where: RunFilter,
-        cutoff: datetime | None,
-    ) -> Iterator[RunInfo]:
-        if not batch:
-            return
-
-        def do() -> builtins.list[Any]:
-            pipe = self._conn.client.pipeline(transaction=False)
-            for run_id in batch:
-                pipe.hgetall(f"{group}run:{run_id}")
-            # A key of the wrong type is one corrupt run, not a failed listing.
-            result: builtins.list[Any] = pipe.execute(raise_on_error=False)
-            return result
-
-        reply = self._conn.read("list", "*", do)
-        for run_id, raw in zip(batch, reply, strict=True):
-            if isinstance(raw, Exception) and wrong_type(raw):
-                wrong = not_a_hash(run_id)
-                logger.warning("skipping corrupt checkpoint while listing: %s", wrong)
-                self._quarantine(run_id, self._raw_value(run_id), wrong)
-                continue
-            if isinstance(raw, Exception):
-                raise self._conn.unavailable("list", run_id, raw)
-            body, ctl = split(cast("dict[Any, Any]", raw).items())
-            if body is None:
-                continue  # completed or cancelled while we listed
-            try:
-                run = self._record(run_id, body, ctl)
-                lease = None
-                if "lease_token" in ctl and int(ctl["lease_token"]) > run.last_token:
-                    lease = lease_from(ctl)
-            except (CorruptCheckpoint, ValidationError, ValueError, KeyError) as exc:
-                err = (
-                    exc
-                    if isinstance(exc, CorruptCheckpoint)
-                    else CorruptCheckpoint(run_id, f"lease: {exc}")
-                )
-                logger.warning("skipping corrupt checkpoint while listing: %s", err)
-                self._quarantine(run_id, body, err)
-                continue
-            if where.matches(run, cutoff):
-                yield RunInfo(run=run, lease=lease)
-
-    def _count(self) -> int:
-        def do() -> int:
-            pipe = self._conn.client.pipeline(transaction=False)
-            for group in self._groups:
-                pipe.zcard(group + "paused")
-            return sum(int(n) for n in pipe.execute())
-
-        return self._conn.read("count", "*", do)
-
-    def _stats(self) -> StoreStats:
-        """Counted from the indexes, one small script per group: cheap with any number of runs."""
-        totals = [0, 0, 0, 0]
-        for group in self._groups:
-            keys = [group + name for name in ("paused", "inflight", "pending", "deadlines")]
-            stats = functools.partial(self._conn.scripts["stats"], keys)
-            counts = self._conn.read("stats", "*", stats)
-            totals = [total + int(n) for total, n in zip(totals, counts, strict=True)]
-        return make_stats(*totals)
-
-    def _due_resumes(self, older_than: float) -> builtins.list[str]:
-        due: builtins.list[str] = []
-        for group in self._groups:
-            bound: int | str = ""
-            while True:
-                with self._conn.io("due_resumes", "*"):
-                    now, used, examined, ids = self._conn.scripts["due_resumes"](
-                        keys=[group + "pending"],
-                        args=[bound, round(older_than * 1_000_000), _DUE_BATCH, group + "run:"],
-                    )
-                due.extend(text(run_id) for run_id in ids)
-                if int(examined) < _DUE_BATCH:
-                    break
-                if bound == "":
-                    # Later batches stay below the first one's time (server us), so a
-                    # request marked sent by this sweep is never examined again by it.
-                    bound = min(int(used), int(now) - 1)
-        return [run_id for run_id in due if valid(run_id)]
-
-    def _prune_ended(self, older_than: float) -> int:
-        pruned = 0
-        for group in self._groups:
-            while True:
-                # Each batch is one script: a lost reply leaves it applied whole or
-                # not at all, and running it again is harmless.
-                with self._conn.io("prune_ended", "*"):
-                    n = int(
-                        self._conn.scripts["prune"](
-                            keys=[group + "ended"],
-                            args=[round(older_than * 1000), _DUE_BATCH, group + "run:"],
-                        )
-                    )
-                pruned += n
-                if n < _DUE_BATCH:
-                    break
-        return pruned
-
-    def _due_timeouts(self, now: datetime | None) -> builtins.list[str]:
-        bound = "" if now is None else us(now)
-        ids: builtins.list[Any] = []
-        for group in self._groups:
-            due = functools.partial(self._conn.scripts["due"], [group + "deadlines"], [bound, "us"])
-            ids += self._conn.read("due_timeouts", "*", due)
-        return [run_id for run_id in (text(raw) for raw in ids) if valid(run_id)]

@@ -1,0 +1,100 @@
+"""How one run lives in Redis: its keys, the call of one transition script, and
+parsing (or moving aside) its hash."""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import logging
+import os
+from typing import Any, cast
+
+from pydantic import ValidationError
+
+from ...exceptions import CorruptCheckpoint, StoreUnavailable
+from ...model import Owner, RunRecord, corrupt_detail
+from ._codec import group_of, not_a_hash, overlay, split, text, wrong_type
+from ._connection import Connection
+
+__all__ = ["Records"]
+
+logger = logging.getLogger("celery_checkpoint.store.redis")
+
+
+class Records:
+    """Per-run helpers shared by the Redis store's transitions and sweeps."""
+
+    _conn: Connection
+    _groups: builtins.list[str]
+    _owner: tuple[int, Owner, str] | None
+
+    def _group(self, run_id: str) -> str:
+        """The key base of the run's group (its hash tag)."""
+        return self._groups[group_of(run_id)]
+
+    def _run(self, script: str, action: str, run_id: str, *args: Any) -> builtins.list[Any]:
+        """One transition: one script, one round trip, never retried."""
+        group = self._group(run_id)
+        try:
+            result = self._conn.evalsha(script, f"{group}run:{run_id}", run_id, group, *args)
+        except self._conn.errors as exc:
+            if wrong_type(exc):
+                raise not_a_hash(run_id) from exc
+            raise self._conn.unavailable(action, run_id, exc) from exc
+        result[0] = text(result[0])
+        return result
+
+    def _key(self, run_id: str, suffix: str = "") -> str:
+        """A key of the run: its hash (no suffix), ``/ended``, ``/corrupt``..."""
+        return f"{self._group(run_id)}run:{run_id}{suffix}"
+
+    def _default_owner(self) -> tuple[Owner, str]:
+        pid = os.getpid()
+        if self._owner is None or self._owner[0] != pid:
+            owner = Owner.current()
+            self._owner = (pid, owner, owner.model_dump_json())
+        return self._owner[1], self._owner[2]
+
+    def _record(self, run_id: str, body: bytes | str, ctl: dict[str, str]) -> RunRecord:
+        try:
+            run = RunRecord.from_json(body)
+            overlay(run, ctl)
+        except (ValidationError, ValueError, KeyError) as exc:
+            raise CorruptCheckpoint(run_id, corrupt_detail(exc, body)) from exc
+        if run.run_id != run_id:
+            raise CorruptCheckpoint(run_id, f"record names run {run.run_id!r}")
+        return run
+
+    def _read_run(
+        self, action: str, run_id: str, *, ended: bool = False
+    ) -> tuple[bytes | None, dict[str, str]]:
+        """The run's record JSON (None if there is no run) and its other fields."""
+        key = self._key(run_id, "/ended" if ended else "")
+        try:
+            raw = self._conn.read(action, run_id, lambda: self._conn.client.hgetall(key))
+        except StoreUnavailable as exc:
+            if wrong_type(exc.cause):
+                raise not_a_hash(run_id) from exc
+            raise
+        return split(cast("dict[Any, Any]", raw).items())
+
+    def _raw_value(self, run_id: str) -> bytes:
+        """What a key that is not a run hash holds, if a string (to move it aside)."""
+        with contextlib.suppress(Exception):
+            value = self._conn.client.get(self._key(run_id))
+            if isinstance(value, bytes):
+                return value
+        return b""
+
+    def _quarantine(self, run_id: str, body: bytes | str, exc: CorruptCheckpoint) -> None:
+        """Move a corrupt run aside to ``.../corrupt`` (``/corrupt.1``... if taken),
+        unless it changed meanwhile."""
+        data = body.encode() if isinstance(body, str) else body
+        try:
+            result = self._run("quarantine", "quarantine", run_id, hashlib.sha1(data).hexdigest())
+        except StoreUnavailable as err:
+            logger.warning("could not move corrupt checkpoint %s aside: %s", run_id, err)
+            return
+        if result[0] == "ok":
+            logger.warning("moved corrupt checkpoint aside to %s: %s", text(result[1]), exc)

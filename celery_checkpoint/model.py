@@ -101,8 +101,9 @@ class Owner(BaseModel):
     # Process start time (clock ticks since boot, from /proc) so a recycled pid
     # is not mistaken for the owner. None where /proc is not available.
     pid_start: int | None = None
-    # The kernel's boot id and the pid namespace: containers may share a host
-    # name without sharing pids, and a pid means nothing after a reboot.
+    # The kernel's boot id and the pid namespace: a pid proves death only on
+    # the same boot of the same machine, in the same namespace (containers and
+    # cloned VMs may share a host name without sharing either).
     boot_id: str | None = None
     pid_ns: str | None = None
 
@@ -120,16 +121,22 @@ class Owner(BaseModel):
         )
 
     def is_dead_here(self) -> bool:
-        """True only when the owner is proved dead: same host and its process is gone.
+        """True only when the owner is proved dead: same machine, same pid
+        namespace, and its process is gone (or its pid now names another process).
 
-        Same host name but another boot means dead (the machine restarted);
-        another pid namespace (a container sharing the host name) proves nothing.
+        "Same machine" is the kernel's boot id, equal to ours and known on both
+        sides; a host name proves nothing (containers and cloned VMs share one),
+        and neither does a different boot id: two machines may share a host name,
+        so another boot id may be a live machine next door. Such an owner's lease
+        is taken over only when it expires. Likewise the pid namespace must be
+        ours and known: a pid in another namespace means nothing here.
         """
         if self.host != socket.gethostname():
             return False
-        if self.boot_id is not None and _BOOT_ID is not None and self.boot_id != _BOOT_ID:
-            return True
-        if self.pid_ns is not None and self.pid_ns != _pid_namespace():
+        if self.boot_id is None or _BOOT_ID is None or self.boot_id != _BOOT_ID:
+            return False
+        here = _pid_namespace()
+        if self.pid_ns is None or here is None or self.pid_ns != here:
             return False
         try:
             os.kill(self.pid, 0)

@@ -7,6 +7,8 @@ corruption behaviour in ``test_file_faults.py``.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from typing import Any
@@ -196,6 +198,35 @@ def test_a_live_lease_is_not_rearmed_by_recovery(store: CheckpointStore) -> None
     assert store.lease("r1") == run.lease
     assert store.claim("r1") is None
     store.heartbeat("r1", token)  # the holder still holds it
+
+
+def test_a_lease_of_another_boot_under_our_host_name_waits_for_its_expiry(
+    store: CheckpointStore,
+) -> None:
+    """Two machines may share a host name (containers, cloned VMs): an owner with
+    our host name and another boot id is not proved dead, whatever its pid."""
+    gone = Owner.current().model_copy(update={"pid": _exited_pid(), "pid_start": None})
+    elsewhere = gone.model_copy(update={"boot_id": "the-boot-of-another-machine"})
+    assert gone.is_dead_here(), "the same owner on our boot would be proved dead"
+    store.save(make_run("r1"))
+    store.request_resume("r1", "in", "req-1")
+    run, token = claimed(store, "r1", owner=elsewhere, lease_seconds=LONG)
+    for _ in range(3):
+        assert store.recover_orphaned() == []
+    assert store.lease("r1") == run.lease
+    assert store.claim("r1") is None
+    assert "r1" not in store.due_resumes(0), "its request is being run"
+    store.heartbeat("r1", token, lease_seconds=EXPIRED_AFTER)  # its last heartbeat
+    time.sleep(EXPIRED_AFTER + 0.15)
+    assert [r.run_id for r in store.recover_orphaned()] == ["r1"], "taken over once expired"
+    _, again = claimed(store, "r1")
+    assert again > token
+
+
+def _exited_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
 
 
 def test_an_expired_lease_is_rearmed_and_the_next_claim_gets_a_higher_token(

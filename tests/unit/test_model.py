@@ -37,4 +37,26 @@ def test_owner_death_is_proved_only_by_what_this_host_can_see() -> None:
     assert gone.is_dead_here()  # same host, same boot, same namespace, process gone
     assert not gone.model_copy(update={"host": "elsewhere"}).is_dead_here()
     assert not gone.model_copy(update={"pid_ns": "pid:[1]"}).is_dead_here()  # another container
-    assert me.model_copy(update={"boot_id": "an-earlier-boot"}).is_dead_here()  # host restarted
+
+
+@pytest.mark.parametrize(
+    "unproved",
+    [
+        {"boot_id": "another-boot"},  # another machine with our host name, or a reboot
+        {"boot_id": None},  # written where the boot id was unknown
+        {"pid_ns": None},  # written where the pid namespace was unknown
+    ],
+)
+def test_owner_death_needs_our_boot_and_pid_namespace_known_on_both_sides(
+    unproved: dict[str, str | None],
+) -> None:
+    import subprocess
+    import sys
+
+    from celery_checkpoint import Owner
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    gone = Owner.current().model_copy(update={"pid": child.pid, "pid_start": None})
+    assert gone.is_dead_here()
+    assert not gone.model_copy(update=unproved).is_dead_here()

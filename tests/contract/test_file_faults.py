@@ -30,9 +30,11 @@ from celery_checkpoint import (
     CorruptCheckpoint,
     LeaseLost,
     PausedWorkflow,
+    RunCancelled,
     StoreUnavailable,
 )
 from celery_checkpoint.store.file import FileStore
+from celery_checkpoint.store.file._fs import STALE_TMP_SECONDS
 from tests.contract.helpers import make_run, mp_context
 
 KILLS = 220
@@ -136,6 +138,11 @@ def test_sigkill_at_random_moments_never_tears_or_loses_a_saved_checkpoint(
         current = v
 
     store.save(version(run_id, current + 1))  # no lock was left held by a killed child
+    # Killed writers' temp files stay until they are old (their pids prove nothing).
+    left = files(root / "tmp")
+    store.recover_orphaned()
+    assert files(root / "tmp") == left
+    backdate(root / "tmp", STALE_TMP_SECONDS + 1)
     store.recover_orphaned()
     assert files(root / "tmp") == []
 
@@ -376,13 +383,90 @@ def test_recovery_drops_a_marker_whose_run_completed(store: FileStore, root: Pat
     assert store.load("r1") is None
 
 
-def test_a_cancel_interrupted_before_dropping_the_record_blocks_claims(
+def interrupt_cancel(store: FileStore, root: Path, run_id: str) -> bytes:
+    """Cancel ``run_id`` and put its paused record back: a cancel killed after its
+    tombstone, before it removed the record. Returns the stale record's bytes."""
+    stale = (root / "paused" / f"{run_id}.json").read_bytes()
+    assert store.cancel(run_id, reason="crash mid-cancel") is not None
+    (root / "paused" / f"{run_id}.json").write_bytes(stale)
+    return stale
+
+
+def test_a_paused_record_beside_its_tombstone_reads_as_ended_everywhere(
+    store: FileStore, root: Path
+) -> None:
+    store.save(make_run("r1", expires_at=EPOCH))
+    store.request_resume("r1", "in", "req-1")
+    store.save(make_run("other"))
+    interrupt_cancel(store, root, "r1")
+    (root / "pending" / "r1").touch()
+    (root / "deadlines" / "r1").touch()
+
+    assert store.load("r1") is None
+    assert store.lease("r1") is None
+    assert store.count() == 1
+    assert [info.run.run_id for info in store.list()] == ["other"]
+    assert store.stats()["runs"] == 1
+    assert store.due_timeouts() == []
+    assert store.due_resumes(0) == []
+    with pytest.raises(RunCancelled):
+        store.request_resume("r1", "late", "req-2")
+    assert store.claim("r1") is None
+    ended = store.ended("r1")
+    assert ended is not None
+    assert ended.status == "cancelled"
+    assert files(root / "paused") == ["other.json"], "the stale record was removed"
+    assert files(root / "pending") == []
+    assert files(root / "deadlines") == []
+
+
+def test_recovery_removes_a_record_left_beside_the_tombstone_of_an_in_flight_run(
     store: FileStore, root: Path
 ) -> None:
     store.save(make_run("r1"))
-    ended = make_run("r1").model_copy(update={"status": "cancelled"})
-    (root / "ended" / "r1.json").write_bytes(ended.to_json())  # a crash mid-cancel
+    run = store.claim("r1", lease_seconds=0)
+    assert run is not None
+    assert run.lease is not None
+    stale = (root / "paused" / "r1.json").read_bytes()
+    store.complete("r1", token=run.lease.token)
+    (root / "paused" / "r1.json").write_bytes(stale)  # killed after the tombstone
+    (root / "inflight" / "r1.json").write_bytes(run.lease.model_dump_json().encode())
+
+    assert store.recover_orphaned() == [], "an ended run is never re-armed"
+    assert files(root / "paused") == []
+    assert files(root / "inflight") == []
+    ended = store.ended("r1")
+    assert ended is not None
+    assert ended.status == "completed"
+    store.complete("r1", token=run.lease.token)  # idempotent still
+
+
+def test_pruning_a_tombstone_never_brings_back_the_record_beside_it(
+    store: FileStore, root: Path
+) -> None:
+    store.save(make_run("r1"))
+    interrupt_cancel(store, root, "r1")
+    assert store.prune_ended(0) == 1
+    assert store.load("r1") is None
+    assert not store.exists("r1")
+    assert files(root / "paused") == []
+
+
+def test_a_save_over_an_ended_run_killed_before_it_dropped_the_tombstone_left_it_ended(
+    store: FileStore, root: Path
+) -> None:
+    store.save(make_run("r1"))
+    store.cancel("r1")
+    tombstone = (root / "ended" / "r1.json").read_bytes()
+    store.save(make_run("r1", step="again"))
+    (root / "ended" / "r1.json").write_bytes(tombstone)  # killed between the two steps
+    assert store.load("r1") is None
     assert store.claim("r1") is None
+    store.save(make_run("r1", step="again"))  # the caller's retry succeeds
+    loaded = store.load("r1")
+    assert loaded is not None
+    assert loaded.step == "again"
+    assert store.ended("r1") is None
 
 
 def test_refused_stale_writes_leave_every_file_byte_for_byte(store: FileStore, root: Path) -> None:
@@ -410,6 +494,53 @@ def test_refused_stale_writes_leave_every_file_byte_for_byte(store: FileStore, r
 # -- writers' leftovers -----------------------------------------------------------------
 
 
+def backdate(directory: Path, seconds: float) -> None:
+    """Make every file in ``directory`` look ``seconds`` old."""
+    when = time.time() - seconds
+    for name in os.listdir(directory):
+        os.utime(directory / name, (when, when))
+
+
+def test_temp_files_are_never_listed_and_recovery_removes_them_by_age_alone(
+    store: FileStore, root: Path
+) -> None:
+    store.save(make_run("r1"))
+    half = make_run("r2").to_json()[:50]
+    old = [root / "tmp" / f"{pid}.{c * 32}.tmp" for pid, c in ((os.getpid(), "a"), (1, "b"))]
+    for path in old:
+        path.write_bytes(half)
+    backdate(root / "tmp", STALE_TMP_SECONDS + 60)
+    # Young files of writers this pid namespace cannot see (pids that are not
+    # alive here, or not numbers) may belong to a live writer in a container.
+    young = [root / "tmp" / f"{pid}.{c * 32}.tmp" for pid, c in ((4_000_000, "c"), (9, "d"))]
+    young.append(root / "tmp" / f"x.{'e' * 32}.tmp")
+    for path in young:
+        path.write_bytes(half)
+
+    assert [info.run.run_id for info in store.list()] == ["r1"]
+    assert store.count() == 1
+    assert store.load("r2") is None
+    store.recover_orphaned()
+    assert files(root / "tmp") == sorted(p.name for p in young), "young temp files stay"
+    assert store.load("r1") is not None
+
+
+def test_a_slow_writer_in_another_pid_namespace_keeps_its_temp_file(
+    store: FileStore, root: Path
+) -> None:
+    """A writer's temp file whose pid is not alive here survives recovery, and the
+    write it belongs to completes (a pid in another namespace proves nothing)."""
+    store.save(make_run("r1", step="old"))
+    tree = store._fs
+    tmp = root / "tmp" / f"{_dead_pid()}.{'f' * 32}.tmp"
+    tmp.write_bytes(make_run("r1", step="new").to_json())  # a writer half way
+    store.recover_orphaned()  # another worker's recovery pass meanwhile
+    os.rename(tmp, tree.path("paused", "r1"))  # the writer goes on: its rename
+    loaded = store.load("r1")
+    assert loaded is not None
+    assert loaded.step == "new"
+
+
 def _exit_at_once() -> None:
     return None
 
@@ -421,25 +552,6 @@ def _dead_pid() -> int:
     child.join(CHILD_TIMEOUT)
     assert child.pid is not None
     return child.pid
-
-
-def test_temp_files_of_dead_writers_are_never_listed_and_recovery_removes_them(
-    store: FileStore, root: Path
-) -> None:
-    store.save(make_run("r1"))
-    dead, alive = _dead_pid(), os.getpid()
-    half = make_run("r2").to_json()[:50]
-    (root / "tmp" / f"{dead}.{'a' * 32}.tmp").write_bytes(half)
-    (root / "tmp" / f"{dead}.{'b' * 32}.tmp").write_bytes(b"")
-    mine = root / "tmp" / f"{alive}.{'c' * 32}.tmp"
-    mine.write_bytes(half)
-
-    assert [info.run.run_id for info in store.list()] == ["r1"]
-    assert store.count() == 1
-    assert store.load("r2") is None
-    store.recover_orphaned()
-    assert files(root / "tmp") == [mine.name], "a live writer's temp file stays"
-    assert store.load("r1") is not None
 
 
 # -- many paused runs --------------------------------------------------------------------

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ...exceptions import ImproperlyConfigured, StoreUnavailable
 
-__all__ = ["KINDS", "Tree", "fs_type"]
+__all__ = ["KINDS", "STALE_TMP_SECONDS", "Tree", "fs_type"]
 
 logger = logging.getLogger("celery_checkpoint.store.file")
 
@@ -32,11 +32,16 @@ logger = logging.getLogger("celery_checkpoint.store.file")
 KINDS = ("paused", "inflight", "pending", "deadlines", "ended", "tmp", "locks")
 _RECORDS = frozenset({"paused", "inflight", "ended"})  # named <run_id>.json
 _STRIPES = 256
+_FILE_MODE = 0o644
 _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "fuse.sshfs", "afs", "9p", "ceph"}
 )
-# A temp file whose writer we cannot prove dead is removed only after this long.
-_STALE_TMP_SECONDS = 3600.0
+#: A temp file is removed by age alone, never because its writer's pid looks
+#: gone: a writer in another pid namespace (a container sharing the directory)
+#: has a pid that means nothing here. A write holds its temp file for
+#: milliseconds; one stalled past this loses the write (its rename fails) and
+#: the record it would have replaced stays intact.
+STALE_TMP_SECONDS = 3600.0
 
 
 class Tree:
@@ -83,7 +88,9 @@ class Tree:
         """Hold the run's stripe lock: threads via a mutex, processes via flock."""
         stripe = zlib.crc32(run_id.encode()) % _STRIPES
         with self._thread_locks[stripe]:
-            fd = os.open(self._lock_names[stripe], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(
+                self._lock_names[stripe], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE
+            )
             self._held_fds.add(fd)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -102,7 +109,7 @@ class Tree:
     def sync_dir(self, kind: str) -> None:
         if not self.fsync:
             return
-        fd = os.open(self.dirs[kind], os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(self.dirs[kind], os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
@@ -116,7 +123,7 @@ class Tree:
         but a power cut may lose the write or leave an empty file.
         """
         tmp = f"{self.dirs['tmp']}/{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
         try:
             try:
                 view = memoryview(data)
@@ -134,7 +141,9 @@ class Tree:
         if durable:
             self.sync_dir(kind)
 
-    def unlink(self, kind: str, run_id: str, *, sync: bool = True) -> bool:
+    def unlink(self, kind: str, run_id: str, *, sync: bool) -> bool:
+        """Remove the file; ``sync`` makes the removal durable (fsync the directory)
+        when there was one to remove."""
         try:
             os.unlink(self.path(kind, run_id))
         except FileNotFoundError:
@@ -143,18 +152,46 @@ class Tree:
             self.sync_dir(kind)
         return True
 
-    def touch(self, kind: str, run_id: str, when: float) -> None:
-        """Create (durably) or re-date an index entry: a pending resume or a deadline."""
+    def touch(self, kind: str, run_id: str, when: float, *, durable: bool) -> None:
+        """Create or re-date an index entry (a pending resume, a deadline) at ``when``.
+
+        ``durable``: a created entry survives a power cut (its directory is
+        fsynced). A re-dating is never synced here: see :meth:`backdate`.
+        """
         path = self.path(kind, run_id)
         try:
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
         except FileExistsError:
-            created = False
-        else:
-            created = True
-        os.utime(path, (when, when))
-        if created:  # an entry lost to a power cut would be a resume or timeout never sent
+            os.utime(path, (when, when))
+            return
+        try:
+            os.utime(fd, (when, when))
+        finally:
+            os.close(fd)
+        if durable:
             self.sync_dir(kind)
+
+    def backdate(self, kind: str, run_id: str, when: float) -> None:
+        """Durably move an existing entry's time back to ``when`` (create it if gone)."""
+        path = self.path(kind, run_id)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.touch(kind, run_id, when, durable=True)
+            return
+        try:
+            os.utime(fd, (when, when))
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def mtime(self, kind: str, run_id: str) -> float | None:
+        """The entry's mtime, or None if there is no entry."""
+        try:
+            return os.stat(self.path(kind, run_id)).st_mtime
+        except FileNotFoundError:
+            return None
 
     def exists(self, kind: str, run_id: str) -> bool:
         return os.path.lexists(self.path(kind, run_id))
@@ -196,17 +233,21 @@ class Tree:
         with os.scandir(self.dirs[kind]) as it:
             yield from it
 
-    def sweep_tmp(self) -> None:
-        """Remove temp files left by writers that died."""
-        cutoff = time.time() - _STALE_TMP_SECONDS
+    def sweep_tmp(self, older_than: float) -> int:
+        """Remove temp files older than ``older_than`` seconds; return how many.
+
+        By age alone: see :data:`STALE_TMP_SECONDS`.
+        """
+        cutoff = time.time() - older_than
+        removed = 0
         for entry in self.entries("tmp"):
-            pid_text = entry.name.split(".", 1)[0]
-            writer_dead = pid_text.isdigit() and not _pid_alive(int(pid_text))
             try:
-                if writer_dead or entry.stat().st_mtime < cutoff:
+                if entry.stat().st_mtime < cutoff:
                     os.unlink(entry.path)
+                    removed += 1
             except FileNotFoundError:
                 continue
+        return removed
 
 
 _OPEN_TREES: weakref.WeakSet[Tree] = weakref.WeakSet()
@@ -218,16 +259,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def fs_type(path: Path) -> str | None:

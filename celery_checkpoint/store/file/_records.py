@@ -1,5 +1,6 @@
 """How one run lives on disk: reading its record and lease, tolerating corruption,
-keeping its index entries, and re-arming it past a lost holder's token."""
+applying the repair rules of the package docstring, keeping its index entries,
+and re-arming it past a lost holder's token."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -60,10 +62,69 @@ class Records:
 
     @staticmethod
     def _live_lease(run: RunRecord | None, lease: Lease | None) -> Lease | None:
-        """The lease if it belongs to the current claim (not superseded by a later write)."""
-        if lease is None or (run is not None and lease.token <= run.last_token):
+        """The lease if it belongs to the current claim of a live paused record:
+        not superseded by a later write, and not outliving its run."""
+        if lease is None or run is None or lease.token <= run.last_token:
             return None
         return lease
+
+    # -- the paused record, under the rule that a tombstone wins -------------------
+
+    def _read_live(self, run_id: str, *, tolerant: bool = False) -> RunRecord | None:
+        """The run's paused record; the caller holds the run's lock.
+
+        None when there is none, or when a tombstone supersedes it: the stale
+        record and its leftovers are removed then (the repair rule). A corrupt
+        record raises ``CorruptCheckpoint``, or with ``tolerant`` is moved aside.
+        """
+        try:
+            run = self._read_run("paused", run_id)
+        except CorruptCheckpoint as exc:
+            if self._superseded(run_id):
+                return None
+            if not tolerant:
+                raise
+            self._fs.move_aside("paused", run_id, exc)
+            return None
+        if run is not None and self._superseded(run_id):
+            return None
+        return run
+
+    def _read_visible(self, run_id: str) -> RunRecord | None:
+        """The run's paused record, read without the lock (load, lease, list).
+
+        A record superseded by a tombstone reads as None; the repair itself is
+        left to a pass under the lock (taken here only in that rare case).
+        """
+        fs = self._fs
+        try:
+            run = self._read_run("paused", run_id)
+        except CorruptCheckpoint:
+            if not fs.exists("ended", run_id):
+                raise
+            run = None
+        else:
+            if run is None or not fs.exists("ended", run_id):
+                return run
+        with fs.locked(run_id):
+            self._read_live(run_id, tolerant=True)
+        return None
+
+    def _superseded(self, run_id: str) -> bool:
+        """Whether a tombstone supersedes the paused record; the caller holds the
+        lock. If so, the stale record, its marker and its index entries go.
+
+        Not fsynced: a removal a power cut undoes leaves the same state, which
+        the same rule repairs again.
+        """
+        fs = self._fs
+        if not fs.exists("ended", run_id):
+            return False
+        if fs.unlink("paused", run_id, sync=False):
+            logger.info("run %s: removed a paused record left beside its tombstone", run_id)
+        fs.unlink("inflight", run_id, sync=False)
+        self._drop_indexes(run_id)
+        return True
 
     # -- tolerant reads: a corrupt record must not block a transition of its own run
 
@@ -89,30 +150,64 @@ class Records:
                 self._rearm(run, run.last_token + 1)
             return None
 
-    def _set_indexes(self, run: RunRecord) -> None:
-        """The deadline and pending-request entries of a freshly written paused record."""
-        fs = self._fs
-        if run.expires_at is None:
-            fs.unlink("deadlines", run.run_id, sync=False)
-        else:
-            fs.touch("deadlines", run.run_id, run.expires_at.timestamp())
+    # -- index entries: written before the record that needs them ---------------------
+
+    def _indexes_before(self, run: RunRecord) -> None:
+        """The entries ``run`` will need, made durable before ``run`` is written.
+
+        A deadline entry is never later than the record's deadline: an early one
+        is re-dated by ``due_timeouts``, a late one would fire late unnoticed.
+        """
+        self._deadline_before(run)
         if run.resume is not None and run.resume.status == "pending":
-            fs.touch("pending", run.run_id, time.time())
+            self._fs.touch("pending", run.run_id, time.time(), durable=True)
+
+    def _deadline_before(self, run: RunRecord) -> None:
+        if run.expires_at is None:
+            return
+        fs, at = self._fs, run.expires_at.timestamp()
+        current = fs.mtime("deadlines", run.run_id)
+        if current is None:
+            fs.touch("deadlines", run.run_id, at, durable=True)
+        elif current > at:
+            fs.backdate("deadlines", run.run_id, at)
+
+    def _indexes_after(self, run: RunRecord) -> None:
+        """Once ``run`` is written: entries it does not need go, the deadline takes
+        its exact time. Not fsynced: a leftover is dropped by the sweeps, an early
+        deadline re-dated."""
+        fs, run_id = self._fs, run.run_id
+        if run.expires_at is None:
+            fs.unlink("deadlines", run_id, sync=False)
         else:
-            fs.unlink("pending", run.run_id, sync=False)
+            at = run.expires_at.timestamp()
+            if fs.mtime("deadlines", run_id) != at:
+                fs.touch("deadlines", run_id, at, durable=False)
+        if run.resume is None or run.resume.status != "pending":
+            fs.unlink("pending", run_id, sync=False)
 
     def _drop_indexes(self, run_id: str) -> None:
         self._fs.unlink("pending", run_id, sync=False)
         self._fs.unlink("deadlines", run_id, sync=False)
 
+    @staticmethod
+    def _deadline_of(run: RunRecord | None) -> datetime | None:
+        return None if run is None or run.ended else run.expires_at
+
+    # -- recovery of one run -------------------------------------------------------------
+
     def _rearm(self, run: RunRecord, token: int) -> RunRecord:
+        """IN-FLIGHT -> PAUSED past ``token``. The pending entry comes first (due at
+        once), then the record; the marker it supersedes goes last, unsynced."""
         run.last_token = token
         run.lease_ended_by = "recovery"
         run.recoveries += 1
-        self._fs.write("paused", run.run_id, run.to_json())
+        fs = self._fs
         if run.resume is not None and run.resume.status == "pending":
-            self._fs.touch("pending", run.run_id, 0.0)  # due for re-sending at once
-        self._fs.unlink("inflight", run.run_id)
+            fs.touch("pending", run.run_id, 0.0, durable=True)  # due for re-sending at once
+        self._deadline_before(run)
+        fs.write("paused", run.run_id, run.to_json())
+        fs.unlink("inflight", run.run_id, sync=False)
         logger.info("re-armed orphaned run %s (recovery %d)", run.run_id, run.recoveries)
         return run
 

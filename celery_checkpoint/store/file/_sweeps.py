@@ -14,6 +14,7 @@ from datetime import datetime
 from ...exceptions import CorruptCheckpoint
 from ...model import RunRecord, utcnow, validate_run_id
 from ..base import RunFilter, RunInfo, StoreStats, make_stats
+from ._fs import STALE_TMP_SECONDS
 from ._records import Records
 
 __all__ = ["Sweeps"]
@@ -24,10 +25,13 @@ logger = logging.getLogger("celery_checkpoint.store.file")
 class Sweeps(Records):
     """The store's passes over its indexes; see the module docstring."""
 
+    lease_seconds: float
+
     def _recover_orphaned(self) -> builtins.list[RunRecord]:
         recovered: builtins.list[RunRecord] = []
         with self._io("recover_orphaned", "*"):
-            self._fs.sweep_tmp()
+            # By age only: a writer's pid proves nothing across pid namespaces.
+            self._fs.sweep_tmp(max(STALE_TMP_SECONDS, 10 * self.lease_seconds))
             for run_id in self._fs.names("inflight"):
                 try:
                     validate_run_id(run_id)
@@ -45,10 +49,10 @@ class Sweeps(Records):
         fs = self._fs
         with fs.locked(run_id):
             try:
-                run = self._read_run("paused", run_id)
+                run = self._read_live(run_id)
             except CorruptCheckpoint as exc:
                 fs.move_aside("paused", run_id, exc)
-                fs.unlink("inflight", run_id)
+                fs.unlink("inflight", run_id, sync=False)
                 raise
             try:
                 lease = self._read_lease(run_id)
@@ -61,9 +65,9 @@ class Sweeps(Records):
             if lease is None:
                 return None
             if run is None or lease.token <= run.last_token:
-                # Completed, or re-paused/released before a crash: the paused
-                # record (or its absence) is authoritative.
-                fs.unlink("inflight", run_id)
+                # Completed or ended, or re-paused/released before a crash: the
+                # paused record (or its absence) is authoritative.
+                fs.unlink("inflight", run_id, sync=False)
                 return None
             if not lease.expired(utcnow()) and not lease.owner.is_dead_here():
                 return None
@@ -74,22 +78,29 @@ class Sweeps(Records):
         with self._io("list", "*"):
             for run_id in self._fs.names("paused"):
                 try:
-                    run = self._read_run("paused", run_id)
+                    run = self._read_visible(run_id)
                     lease = None if run is None else self._read_lease(run_id)
                 except CorruptCheckpoint:
                     # Under the lock, re-read: a writer may have replaced the file
                     # meanwhile; only what is still corrupt is moved aside.
                     with self._fs.locked(run_id):
-                        run = self._read_run_tolerant(run_id)
+                        run = self._read_live(run_id, tolerant=True)
                         lease = None if run is None else self._read_lease_tolerant(run_id, run)
                 if run is None:
-                    continue  # completed while we listed, or corrupt and moved aside
+                    continue  # ended or completed while we listed, or corrupt and moved aside
                 if where.matches(run, cutoff):
                     yield RunInfo(run=run, lease=self._live_lease(run, lease))
 
     def _count(self) -> int:
+        """Names in ``paused/`` without a tombstone beside them: no record is read."""
         with self._io("count", "*"):
-            return sum(1 for _ in self._fs.names("paused"))
+            paused = sum(1 for _ in self._fs.names("paused"))
+            if not paused:
+                return 0
+            stale = sum(
+                1 for run_id in self._fs.names("ended") if self._fs.exists("paused", run_id)
+            )
+            return paused - stale
 
     def _stats(self) -> StoreStats:
         """Counted from the directory indexes: cheap with any number of paused runs."""
@@ -98,7 +109,7 @@ class Sweeps(Records):
             in_flight = 0
             for run_id in self._fs.names("inflight"):
                 try:
-                    run = self._read_run("paused", validate_run_id(run_id))
+                    run = self._read_visible(validate_run_id(run_id))
                     in_flight += self._live_lease(run, self._read_lease(run_id)) is not None
                 except (CorruptCheckpoint, ValueError):
                     continue
@@ -118,7 +129,7 @@ class Sweeps(Records):
                 except (FileNotFoundError, ValueError):
                     continue
                 with fs.locked(run_id):
-                    run = self._read_run_tolerant(run_id)
+                    run = self._read_live(run_id, tolerant=True)
                     if (
                         run is None
                         or run.resume is None
@@ -127,7 +138,9 @@ class Sweeps(Records):
                     ):
                         fs.unlink("pending", run_id, sync=False)
                         continue
-                    fs.touch("pending", run_id, now)
+                    # Not synced: an entry whose new time a power cut loses is
+                    # re-sent once more, and a claim runs it once.
+                    fs.touch("pending", run_id, now, durable=False)
                     due.append(run_id)
         return due
 
@@ -151,19 +164,45 @@ class Sweeps(Records):
                             continue
                     except FileNotFoundError:
                         continue
+                    # A stale paused record beside the tombstone must be gone for
+                    # good first, or pruning the tombstone would bring it back.
+                    if fs.unlink("paused", run_id, sync=True):
+                        fs.unlink("inflight", run_id, sync=False)
+                        self._drop_indexes(run_id)
                     pruned += fs.unlink("ended", run_id, sync=False)
             if pruned:
                 fs.sync_dir("ended")
         return pruned
 
     def _due_timeouts(self, now: datetime | None) -> builtins.list[str]:
+        """Deadline entries that are due, checked against their records: an entry
+        the record no longer needs is dropped, one earlier than the record's
+        deadline re-dated. Reads only the records of due entries."""
         at = (now or utcnow()).timestamp()
         due: builtins.list[str] = []
+        fs = self._fs
         with self._io("due_timeouts", "*"):
-            for entry in self._fs.entries("deadlines"):
+            for entry in fs.entries("deadlines"):
                 try:
-                    if entry.stat().st_mtime <= at:
-                        due.append(validate_run_id(entry.name))
+                    if entry.stat().st_mtime > at:
+                        continue
+                    run_id = validate_run_id(entry.name)
                 except (FileNotFoundError, ValueError):
                     continue
+                try:
+                    deadline = self._deadline_of(self._read_visible(run_id))
+                except CorruptCheckpoint:
+                    due.append(run_id)  # its timeout will meet the corruption and say so
+                    continue
+                if deadline is not None and deadline.timestamp() <= at:
+                    due.append(run_id)
+                    continue
+                with fs.locked(run_id):  # repair, re-checked under the lock
+                    deadline = self._deadline_of(self._read_live(run_id, tolerant=True))
+                    if deadline is None:
+                        fs.unlink("deadlines", run_id, sync=False)
+                    elif deadline.timestamp() > at:
+                        fs.touch("deadlines", run_id, deadline.timestamp(), durable=False)
+                    else:
+                        due.append(run_id)
         return due

@@ -54,6 +54,12 @@ directory, and the removal of a tombstone a new run replaced. Removals a power
 cut may undo are left unsynced when the rules above make the undone state
 equivalent. Leases are not fsynced: they only matter while their holder lives.
 
+**Privacy.** Directories are created 0700 and files 0600 whatever the umask:
+records hold task arguments and answers, and no other local user may read them
+or hold a lock file. Opening a store another user can reach (made by an older
+version, or in a directory created with a loose umask) logs a warning saying
+how to fix it.
+
 Recovery lists only ``inflight/`` and ``tmp/``: its cost does not grow with the
 number of paused runs.
 

@@ -5,6 +5,11 @@ a file atomically (unique temp file, fsync, rename, fsync the directory),
 serialises each run's transitions with a striped ``flock`` (which the kernel
 drops when a process dies), keeps index entries whose mtime carries a time,
 and moves corrupt files aside without ever overwriting earlier evidence.
+
+Everything it creates is private to the store's user, whatever the umask:
+directories 0700, files (records, temp files, index entries, lock files) 0600.
+Records hold task arguments and answers, and a lock file another user could
+open is a lock that user could hold.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ logger = logging.getLogger("celery_checkpoint.store.file")
 KINDS = ("paused", "inflight", "pending", "deadlines", "ended", "tmp", "locks")
 _RECORDS = frozenset({"paused", "inflight", "ended"})  # named <run_id>.json
 _STRIPES = 256
-_FILE_MODE = 0o644
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
 _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "fuse.sshfs", "afs", "9p", "ceph"}
 )
@@ -61,10 +67,12 @@ class Tree:
         self.dirs = {name: os.fspath(root / name) for name in KINDS}
         self._lock_names = [f"{self.dirs['locks']}/{i:03d}.lock" for i in range(_STRIPES)]
         try:
+            _make_private_dir(root, parents=True)
             for name in KINDS:
-                Path(self.dirs[name]).mkdir(parents=True, exist_ok=True)
+                _make_private_dir(Path(self.dirs[name]))
         except OSError as exc:
             raise StoreUnavailable(f"cannot open the checkpoint store at {root}", exc) from exc
+        self._warn_if_shared()
         if not allow_network_fs:
             fstype = fs_type(root)
             if fstype in _NETWORK_FS:
@@ -77,6 +85,24 @@ class Tree:
             raise StoreUnavailable(
                 f"cannot open the checkpoint store at {root}",
                 PermissionError(errno.EACCES, "directory is not writable", str(root)),
+            )
+
+    def _warn_if_shared(self) -> None:
+        """Warn when another user can reach the store: one made by an older version,
+        or a directory the user created with a permissive umask."""
+        shared = []
+        for path in (os.fspath(self.root), *(self.dirs[name] for name in KINDS)):
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_mode & 0o077:
+                    shared.append(path)
+        if shared:
+            logger.warning(
+                "checkpoint store %s can be read or written by other users (%s): records hold "
+                "task arguments and answers, and a lock file another user opens can block "
+                "claims. Make it private with: chmod -R go-rwx %s",
+                self.root,
+                ", ".join(shared),
+                self.root,
             )
 
     def path(self, kind: str, run_id: str) -> str:
@@ -213,6 +239,7 @@ class Tree:
             dst = f"{self.dirs[kind]}/{run_id}.corrupt.{n}"
         with contextlib.suppress(FileNotFoundError):
             os.rename(src, dst)
+            os.chmod(dst, _FILE_MODE)  # evidence, and still someone's data
             self.sync_dir(kind)
             logger.warning("moved corrupt checkpoint aside to %s: %s", dst, why)
 
@@ -259,6 +286,20 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _make_private_dir(path: Path, *, parents: bool = False) -> None:
+    """Create ``path`` 0700 whatever the umask; an existing directory is left as it is
+    (a store made by an older version is warned about, not changed behind its owner's back)."""
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, _DIR_MODE)
+    except FileExistsError:
+        if not path.is_dir():
+            raise
+        return
+    os.chmod(path, _DIR_MODE)  # the umask may have removed bits the owner needs
 
 
 def fs_type(path: Path) -> str | None:

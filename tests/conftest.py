@@ -1,8 +1,9 @@
-"""Shared fixtures: server checks that skip locally and fail under CI."""
+"""Shared fixtures: server and tool checks that skip locally and fail under CI."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -25,6 +26,26 @@ def require_server(name: str, host: str, port: int) -> None:
         if IN_CI:
             pytest.fail(f"{message}; CI needs it", pytrace=False)
         pytest.skip(message)
+
+
+def require_tool(name: str, why: str) -> str:
+    """The path of command ``name``; skip (locally) or fail (under CI) without it."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    message = f"{name} is not installed ({why})"
+    if IN_CI:
+        pytest.fail(f"{message}; CI needs it: apt-get install -y {name}", pytrace=False)
+    pytest.skip(f"{message}: apt-get install -y {name} to run this test")
+
+
+def require(condition: bool, message: str) -> None:
+    """Skip (locally) or fail (under CI) unless ``condition`` holds."""
+    if condition:
+        return
+    if IN_CI:
+        pytest.fail(f"{message}; CI needs it", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

@@ -441,6 +441,35 @@ def test_recovery_removes_a_record_left_beside_the_tombstone_of_an_in_flight_run
     store.complete("r1", token=run.lease.token)  # idempotent still
 
 
+def test_a_completion_cut_short_after_moving_the_record_reads_as_completed(
+    store: FileStore, root: Path
+) -> None:
+    store.save(make_run("r1"))
+    store.request_resume("r1", "in", "req-1")
+    run = store.claim("r1")
+    assert run is not None
+    assert run.lease is not None
+    # complete killed after it moved the record into ended/, before the rewrite
+    os.rename(root / "paused" / "r1.json", root / "ended" / "r1.json")
+
+    ended = store.ended("r1")
+    assert ended is not None
+    assert (ended.status, ended.last_token) == ("completed", run.lease.token)
+    assert store.load("r1") is None
+    assert store.recover_orphaned() == []
+    assert store.request_resume("r1", "in", "req-1").request_id == "req-1"
+    with pytest.raises(AlreadyResumed):
+        store.request_resume("r1", "other", "req-2")
+    store.complete("r1", token=run.lease.token)  # its holder's retry is a no-op
+    with pytest.raises(LeaseLost):
+        store.complete("r1", token=run.lease.token - 1)
+    store.save(make_run("r1", step="next run"))
+    again = store.claim("r1")
+    assert again is not None
+    assert again.lease is not None
+    assert again.lease.token == run.lease.token + 1, "tokens go on growing"
+
+
 def test_pruning_a_tombstone_never_brings_back_the_record_beside_it(
     store: FileStore, root: Path
 ) -> None:

@@ -30,9 +30,14 @@ recovery pass treats as one of those two and repairs:
   before it dropped the old tombstone) and reads as absent everywhere: claim,
   request_resume, save, load, lease, list, count, recovery and the sweeps. The
   first of them to hold the run's lock deletes it with its marker and index
-  entries. ``end`` and ``complete`` therefore write the tombstone durably first;
-  ``save`` writes the new record first and drops the tombstone durably after;
-  ``prune_ended`` deletes a stale record durably before its tombstone.
+  entries. ``end`` therefore writes the tombstone durably first; ``save`` writes
+  the new record first and drops the tombstone durably after; ``prune_ended``
+  deletes a stale record durably before its tombstone.
+* *A completion moves the record.* ``complete`` renames the paused record (its
+  bytes durable since it was written) into ``ended/`` and fsyncs that directory,
+  then rewrites it as the completed tombstone without an fsync. A record in
+  ``ended/`` still marked paused is read as completed by the token after its
+  ``last_token`` (the only token a claim of it hands out).
 * *The record fences the lease.* A marker in ``inflight/`` counts only while its
   token is above the paused record's ``last_token``. Re-pause, release, recovery
   and complete write the record (or tombstone) first; a marker left behind is
@@ -157,7 +162,7 @@ class FileStore(Sweeps, CheckpointStore):
                 if current is not None:
                     record.last_token = max(record.last_token, current.last_token)
                 # A new run under the id of an ended one: its tokens go on growing.
-                ended = self._read_run_tolerant(run_id, kind="ended")
+                ended = self._read_ended(run_id, tolerant=True)
                 if ended is not None:
                     record.last_token = max(record.last_token, ended.last_token)
             self._indexes_before(record)
@@ -220,7 +225,7 @@ class FileStore(Sweeps, CheckpointStore):
         with self._io("request_resume", run_id), fs.locked(run_id):
             run = self._read_live(run_id)
             if run is None:
-                ended = self._read_run_tolerant(run_id, kind="ended")
+                ended = self._read_ended(run_id, tolerant=True)
                 if ended is None:
                     raise CheckpointNotFound(run_id)
                 done = ended.resume if ended.status == "completed" else None
@@ -282,13 +287,21 @@ class FileStore(Sweeps, CheckpointStore):
                     fs.unlink("inflight", run_id, sync=False)
                 return
             # The tombstone first and durably: from here on the run has completed
-            # (a tombstone wins over the paused record), even after a power cut, so
+            # (a tombstone wins over a paused record), even after a power cut, so
             # a redelivered message, a late writer and a repeated resume see it.
             run.status = "completed"
             run.lease_ended_by = "complete"
-            run.last_token = live.token
-            fs.write("ended", run_id, run.to_json())
-            fs.unlink("paused", run_id, sync=False)
+            if live.token == run.last_token + 1:
+                # The paused record's bytes are durable already: moved into ended/
+                # they are the tombstone at the cost of one directory fsync, and
+                # read as completed by the next token until rewritten just below.
+                fs.move("paused", "ended", run_id)
+                run.last_token = live.token
+                fs.write("ended", run_id, run.to_json(), durable=False)
+            else:  # not a lease a claim of this record handed out: spell it all out
+                run.last_token = live.token
+                fs.write("ended", run_id, run.to_json())
+                fs.unlink("paused", run_id, sync=False)
             self._drop_indexes(run_id)
             fs.unlink("inflight", run_id, sync=False)
 
@@ -333,4 +346,4 @@ class FileStore(Sweeps, CheckpointStore):
 
     def _ended(self, run_id: str) -> RunRecord | None:
         with self._io("ended", run_id):
-            return self._read_run("ended", run_id)
+            return self._read_ended(run_id)

@@ -178,6 +178,12 @@ class Tree:
             self.sync_dir(kind)
         return True
 
+    def move(self, kind: str, to: str, run_id: str) -> None:
+        """Rename a record into another directory, durably there (its directory
+        fsynced). Its bytes must be durable already."""
+        os.rename(self.path(kind, run_id), self.path(to, run_id))
+        self.sync_dir(to)
+
     def touch(self, kind: str, run_id: str, when: float, *, durable: bool) -> None:
         """Create or re-date an index entry (a pending resume, a deadline) at ``when``.
 

@@ -126,6 +126,20 @@ class Records:
         self._drop_indexes(run_id)
         return True
 
+    def _read_ended(self, run_id: str, *, tolerant: bool = False) -> RunRecord | None:
+        """The run's tombstone. A record in ``ended/`` still marked paused is a
+        completion cut short after it moved the record there: it completed, by
+        the token after the record's last."""
+        if tolerant:
+            run = self._read_run_tolerant(run_id, kind="ended")
+        else:
+            run = self._read_run("ended", run_id)
+        if run is not None and not run.ended:
+            run.status = "completed"
+            run.lease_ended_by = "complete"
+            run.last_token += 1
+        return run
+
     # -- tolerant reads: a corrupt record must not block a transition of its own run
 
     def _read_run_tolerant(self, run_id: str, kind: str = "paused") -> RunRecord | None:
@@ -214,7 +228,7 @@ class Records:
     def _check_ended_lease(self, run_id: str, run: RunRecord | None, token: int) -> None:
         """Raise LeaseLost unless ``token``'s lease ended by completing or re-pausing."""
         if run is None:
-            ended = self._read_run_tolerant(run_id, kind="ended")
+            ended = self._read_ended(run_id, tolerant=True)
             if ended is not None and ended.status == "completed" and ended.last_token == token:
                 return  # this holder completed it: complete() is idempotent
             if ended is not None and ended.last_token >= token:

@@ -11,9 +11,10 @@ It prints a markdown table with two comparisons:
     the stripe lock (open, ``flock``, close), the reads (and the failed
     lookups) of the record and the lease, the writes through a uniquely named
     temp file (open, write, ``fsync``, close, rename), the ``fsync`` of each
-    changed directory, the pending entry, the unlinks of the pending/deadline
-    indexes, the ``ended/`` lookup and the ``/proc/<pid>/stat`` read for the
-    lease owner: the same fsyncs per cycle on both sides. What is left between
+    changed directory, the pending entry, the move of the completed record
+    into ``ended/``, the unlinks of the pending/deadline indexes, the
+    ``ended/`` lookups and the ``/proc/<pid>/stat`` read for the lease owner:
+    the same six fsyncs per cycle on both sides. What is left between
     the two is the store's Python work (validation, JSON, pydantic). The ratio is the median
     of the per-round ratios (store and floor rounds interleaved). Target: >= 0.8x.
 
@@ -116,7 +117,7 @@ class FloorCycles:
 
     def _lock(self, run_id: str) -> int:
         stripe = zlib.crc32(run_id.encode()) % STRIPES
-        fd = os.open(f"{self.dirs['locks']}/{stripe:03d}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(f"{self.dirs['locks']}/{stripe:03d}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
 
@@ -143,7 +144,7 @@ class FloorCycles:
 
     def _write(self, kind: str, name: str, data: bytes, durable: bool = True) -> None:
         tmp = f"{self.dirs['tmp']}/{self.pid}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.write(fd, data)
         if durable:
             os.fsync(fd)
@@ -153,10 +154,10 @@ class FloorCycles:
             self._sync_dir(kind)
 
     def _touch(self, kind: str, name: str) -> None:
-        path = f"{self.dirs[kind]}/{name}"
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        fd = os.open(f"{self.dirs[kind]}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         now = time.time()
-        os.utime(path, (now, now))
+        os.utime(fd, (now, now))
+        os.close(fd)
         self._sync_dir(kind)
 
     def prepare(self, start: int, n: int) -> None:
@@ -168,45 +169,49 @@ class FloorCycles:
             run_id = f"bench-{i}"
             paused = f"{d['paused']}/{run_id}.json"
             inflight = f"{d['inflight']}/{run_id}.json"
+            ended = f"{d['ended']}/{run_id}.json"
             pending = f"{d['pending']}/{run_id}"
             deadline = f"{d['deadlines']}/{run_id}"
-            # save: lock, look up record and lease, write the record, drop the indexes
+            # save: lock, look up record, lease and an ended run of the same id,
+            # write the record, drop the indexes
             lock = self._lock(run_id)
             self._read(paused)
             self._read(inflight)
-            self._read(f"{d['ended']}/{run_id}.json")  # an ended run of the same id?
+            self._read(ended)
             self._write("paused", f"{run_id}.json", self.record)
-            self._unlink(f"{d['ended']}/{run_id}.json")
             self._unlink(deadline)
             self._unlink(pending)
             os.close(lock)
-            # request_resume: lock, read record and lease, write the record with its
-            # request, create the pending entry (its directory synced)
+            # request_resume: lock, read record, tombstone check, lease; create the
+            # pending entry (its directory synced) before writing the record
             lock = self._lock(run_id)
             self._read(paused)
+            os.path.lexists(ended)
             self._read(inflight)
-            self._write("paused", f"{run_id}.json", self.answered)
             self._touch("pending", run_id)
+            self._write("paused", f"{run_id}.json", self.answered)
             os.close(lock)
-            # claim: lock, read record and lease, check ended/, owner identity, write lease
+            # claim: lock, read record, tombstone check, lease, owner identity, write lease
             lock = self._lock(run_id)
             self._read(paused)
+            os.path.lexists(ended)
             self._read(inflight)
-            os.path.exists(f"{d['ended']}/{run_id}.json")
             self._read(f"/proc/{self.pid}/stat")
             os.readlink("/proc/self/ns/pid")
             self._write("inflight", f"{run_id}.json", self.lease, durable=False)
             os.close(lock)
-            # complete: lock, read record and lease, unlink both (the record's directory
-            # synced), leave a tombstone in ended/ (not synced)
+            # complete: lock, read record, tombstone check, lease; move the record into
+            # ended/ (that directory synced), rewrite it as the tombstone (not synced),
+            # drop the indexes and the lease
             lock = self._lock(run_id)
             self._read(paused)
+            os.path.lexists(ended)
             self._read(inflight)
-            os.unlink(paused)
-            self._sync_dir("paused")
+            os.rename(paused, ended)
+            self._sync_dir("ended")
+            self._write("ended", f"{run_id}.json", self.answered, durable=False)
             self._unlink(pending)
             self._unlink(deadline)
-            self._write("ended", f"{run_id}.json", self.record, durable=False)  # the tombstone
             os.unlink(inflight)
             os.close(lock)
 

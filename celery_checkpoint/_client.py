@@ -30,7 +30,7 @@ from .exceptions import (
     ResumeRejected,
     RunCancelled,
 )
-from .model import ResumeRequest, RunRecord, utcnow, validate_run_id
+from .model import ResumeRequest, RunRecord, Via, utcnow, validate_run_id
 from .pause import RESUMING, validate_input
 
 __all__ = ["HEADER", "Client", "send", "store_resuming"]
@@ -83,6 +83,8 @@ class Client:
         *,
         request_id: str | None = None,
         pause_seq: int | None = None,
+        actor: str | None = None,
+        via: Via = "code",
     ) -> AsyncResult:
         """See :meth:`celery_checkpoint.Checkpoints.resume`."""
         store, app = self.bound.store, self.bound.app
@@ -105,7 +107,9 @@ class Client:
         self._check_deadline(run, request_id)
         _, stored = validate_input(run, input)
         try:
-            accepted = store.request_resume(run_id, stored, request_id, pause_seq=run.pause_seq)
+            accepted = store.request_resume(
+                run_id, stored, request_id, pause_seq=run.pause_seq, actor=actor, via=via
+            )
         except AlreadyResumed as exc:
             raise self._explain_refusal(run_id, exc) from exc
         if accepted.status == "failed":
@@ -128,6 +132,8 @@ class Client:
             step=run.step,
             pause_seq=run.pause_seq,
             request_id=accepted.request_id,
+            actor=actor,
+            via=via,
         )
         return AsyncResult(run_id, app=app)
 

@@ -61,10 +61,10 @@ from ._pausing import Pausing
 from ._timeouts import Timeouts, register_timer_task
 from .config import CheckpointConfig
 from .exceptions import PauseExpired
-from .model import ResumeRequest, RunRecord
+from .model import ResumeRequest, RunRecord, Via
 from .pause import Run
 from .recovery import RecoveryReport, recover
-from .store import CheckpointStore, RunInfo
+from .store import CheckpointStore, Order, RunInfo
 
 __all__ = ["BOOTSTEP", "Checkpoints"]
 
@@ -175,6 +175,8 @@ class Checkpoints:
         *,
         request_id: str | None = None,
         pause_seq: int | None = None,
+        actor: str | None = None,
+        via: Via = "code",
     ) -> AsyncResult:
         """Resume a paused run with ``input``; returns the run's ``AsyncResult``.
 
@@ -190,8 +192,14 @@ class Checkpoints:
         refused with ``PauseExpired`` (and the timeout is fired now if no worker
         has yet). Once the timeout has fired, a resume raises ``PauseExpired``
         (``"expire"``) or ``AlreadyResumed`` (``"resume"``).
+
+        ``actor`` (who answered: a user name, an e-mail, a service) and ``via``
+        (``"code"``, ``"cli"``, ``"api"``, ``"inbox"``, ``"link"``, ``"webhook"``)
+        are recorded on the request.
         """
-        return self._client.resume(run_id, input, request_id=request_id, pause_seq=pause_seq)
+        return self._client.resume(
+            run_id, input, request_id=request_id, pause_seq=pause_seq, actor=actor, via=via
+        )
 
     def cancel(self, run_id: str, reason: str | None = None) -> RunRecord:
         """Cancel a paused or in-flight run for good; its Celery state becomes REVOKED.
@@ -207,10 +215,18 @@ class Checkpoints:
         return self._client.cancel(run_id, reason)
 
     def runs(
-        self, *, task: str | None = None, step: str | None = None, older_than: float | None = None
+        self,
+        *,
+        task: str | None = None,
+        step: str | None = None,
+        older_than: float | None = None,
+        order: Order | None = None,
+        after: tuple[str, str] | None = None,
     ) -> Iterator[RunInfo]:
-        """Paused and in-flight runs, streaming; ``older_than`` is seconds since paused."""
-        return self.store.list(task=task, step=step, older_than=older_than)
+        """Paused and in-flight runs (see :meth:`CheckpointStore.list`)."""
+        return self.store.list(
+            task=task, step=step, older_than=older_than, order=order, after=after
+        )
 
     def send(self, run: RunRecord, request: ResumeRequest | None, kind: str = "resume") -> None:
         """(Re-)send the run's task message with its original id and canvas."""

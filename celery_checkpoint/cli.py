@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import getpass
 import json
 import os
 import re
@@ -151,6 +152,14 @@ def _checkpoints(ctx: click.Context) -> Checkpoints:
         checkpoints.config  # noqa: B018 - a bad checkpoint_* setting fails here, in one line
     ctx.meta[_CHECKPOINTS_KEY] = checkpoints
     return checkpoints
+
+
+def _os_user() -> str | None:
+    """The operator's login name, recorded as who answered from the shell."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
 
 
 def _run_id(value: str) -> str:
@@ -306,6 +315,10 @@ def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
         what = "timeout" if request.timed_out else f"input {json.dumps(request.input)}"
         detail = f": {request.error}" if request.error else ""
         lines.append(("resume", f"{request.request_id} {request.status}{detail} ({what})"))
+        who = request.actor or "unknown"
+        lines.append(
+            ("answered by", f"{who} via {request.via} at {request.requested_at.isoformat()}")
+        )
     if lease is not None:
         lines.append(
             ("lease", f"token {lease.token} held by {lease.owner}, until {iso(lease.expires_at)}")
@@ -342,6 +355,9 @@ def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
     metavar="N",
     help="Resume only if the run is still at this pause (see 'show').",
 )
+@click.option(
+    "--actor", metavar="NAME", help="Who answers, recorded on the request (default: your login)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the accepted request as JSON.")
 @click.pass_context
 def resume(
@@ -350,6 +366,7 @@ def resume(
     input_text: str | None,
     request_id: str | None,
     pause_seq: int | None,
+    actor: str | None,
     as_json: bool,
 ) -> None:
     """Resume a paused run; its input is checked against the pause's 'expects' first."""
@@ -359,7 +376,14 @@ def resume(
     checkpoints = _checkpoints(ctx)
     with _errors():
         try:
-            checkpoints.resume(run_id, value, request_id=request_id, pause_seq=pause_seq)
+            checkpoints.resume(
+                run_id,
+                value,
+                request_id=request_id,
+                pause_seq=pause_seq,
+                actor=actor or _os_user(),
+                via="cli",
+            )
         except KombuError as exc:
             raise Failed(
                 _one_line(

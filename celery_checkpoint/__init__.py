@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .checkpoints import Checkpoints
 from .exceptions import (
     AlreadyResumed,
     CheckpointError,
@@ -16,9 +17,9 @@ from .exceptions import (
     RunCancelled,
     StoreUnavailable,
 )
-from .model import Lease, Owner, PausedWorkflow, ResumeRequest
-from .store import CheckpointStore, RunInfo
-from .task import PAUSED, Checkpoints, Pause, Run
+from .model import Lease, Owner, PausedWorkflow, ResumeRequest, RunRecord
+from .pause import PAUSED, RESUMING, Pause, Run
+from .store import CheckpointStore, RunInfo, StoreStats
 
 try:
     __version__ = version("celery-checkpoint")
@@ -27,6 +28,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 
 __all__ = [
     "PAUSED",
+    "RESUMING",
     "AlreadyResumed",
     "CheckpointError",
     "CheckpointExists",
@@ -47,6 +49,8 @@ __all__ = [
     "Run",
     "RunCancelled",
     "RunInfo",
+    "RunRecord",
+    "StoreStats",
     "StoreUnavailable",
     "__version__",
 ]

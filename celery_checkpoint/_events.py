@@ -16,7 +16,7 @@ from typing import Any
 from celery.utils.dispatch import Signal
 from celery.utils.log import get_task_logger
 
-from .model import PausedWorkflow
+from .model import RunRecord
 
 __all__ = ["announce", "kv", "log_event", "transitions"]
 
@@ -50,7 +50,7 @@ def announce(
     event: str,
     signal: Signal,
     sender: Any,
-    run: PausedWorkflow,
+    run: RunRecord,
     *,
     level: int = logging.INFO,
     log: dict[str, Any] | None = None,

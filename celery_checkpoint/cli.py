@@ -30,23 +30,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import getpass
 import json
 import os
 import re
 import sys
 import uuid
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import click
 from kombu.exceptions import KombuError
 
+from ._format import COLUMNS, ago, deadline, echo_json, iso, row, span, state_of, summary
+from .checkpoints import Checkpoints
 from .exceptions import CheckpointError, InvalidRunId, ResumeRejected
-from .model import PausedWorkflow, utcnow, validate_run_id
+from .model import MAX_DURATION, utcnow, validate_run_id
 from .store import RunInfo
-from .task import Checkpoints
 
 __all__ = ["checkpoint", "parse_duration"]
 
@@ -98,7 +99,7 @@ def _errors() -> Iterator[None]:
         raise Failed(_one_line(f"{type(exc).__name__}: {exc}")) from None
 
 
-_MAX_DURATION = 100 * 365 * 86400.0  # past this, datetime arithmetic overflows soon
+_MAX_DURATION = MAX_DURATION.total_seconds()
 
 
 def parse_duration(text: str) -> float:
@@ -153,6 +154,14 @@ def _checkpoints(ctx: click.Context) -> Checkpoints:
     return checkpoints
 
 
+def _os_user() -> str | None:
+    """The operator's login name, recorded as who answered from the shell."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return None
+
+
 def _run_id(value: str) -> str:
     try:
         return validate_run_id(value)
@@ -187,90 +196,6 @@ def _read_input(text: str | None) -> Any:
         raise BadInput(
             f"{source} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
-
-
-# -- formatting ----------------------------------------------------------------
-
-
-def _span(seconds: float) -> str:
-    """``2d 3h``, ``3h 5m``, ``4m 10s``, ``12s``: the two largest units."""
-    seconds = int(abs(seconds))
-    parts: list[str] = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size or (unit == "s" and not parts):
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return " ".join(parts[:2])
-
-
-def _ago(when: datetime | None, now: datetime) -> str:
-    return "-" if when is None else f"{_span((now - when).total_seconds())} ago"
-
-
-def _deadline(run: PausedWorkflow, now: datetime) -> str:
-    if run.expires_at is None:
-        return "-"
-    left = (run.expires_at - now).total_seconds()
-    return f"in {_span(left)}" if left > 0 else f"due {_span(left)} ago"
-
-
-def _state(info: RunInfo) -> str:
-    if info.in_flight:
-        return "in flight"
-    request = info.run.resume
-    if request is not None and request.pause_seq == info.run.pause_seq:
-        if request.status == "pending":
-            return "timing out" if request.timed_out else "resuming"
-        return "resume failed"
-    return "paused"
-
-
-def _iso(when: datetime | None) -> str | None:
-    return None if when is None else when.isoformat()
-
-
-def _summary(info: RunInfo) -> dict[str, Any]:
-    run, lease, request = info.run, info.lease, info.run.resume
-    return {
-        "run_id": run.run_id,
-        "task": run.task_name,
-        "step": run.step,
-        "pause_seq": run.pause_seq,
-        "state": _state(info),
-        "reason": run.reason,
-        "created_at": _iso(run.created_at),
-        "paused_at": _iso(run.paused_at),
-        "expires_at": _iso(run.expires_at),
-        "on_timeout": run.on_timeout if run.expires_at is not None else None,
-        "request_id": None if request is None else request.request_id,
-        "owner": None if lease is None else str(lease.owner),
-        "lease_expires_at": None if lease is None else _iso(lease.expires_at),
-        "recoveries": run.recoveries,
-    }
-
-
-_COLUMNS = (
-    ("RUN ID", 36),
-    ("TASK", 24),
-    ("STEP", 20),
-    ("PAUSE", 5),
-    ("STATE", 13),
-    ("PAUSED", 12),
-    ("EXPIRES", 0),
-)
-
-
-def _row(values: tuple[str, ...]) -> str:
-    # Fixed widths: a streamed table cannot measure rows it has not read yet.
-    # A longer value pushes the line instead of being cut (run ids get copied).
-    return " ".join(
-        f"{value:<{width}}" if width else value
-        for value, (_, width) in zip(values, _COLUMNS, strict=True)
-    ).rstrip()
-
-
-def _echo(data: Any) -> None:
-    click.echo(json.dumps(data, default=str, ensure_ascii=False))
 
 
 # -- the commands ----------------------------------------------------------------
@@ -314,23 +239,23 @@ def list_runs(
     try:
         with _errors():
             if not as_json:
-                click.echo(_row(tuple(title for title, _ in _COLUMNS)))
+                click.echo(row(tuple(title for title, _ in COLUMNS)))
             for info in checkpoints.store.list(task=task, step=step, older_than=older_than):
                 count += 1
                 if as_json:
-                    _echo(_summary(info))
+                    echo_json(summary(info))
                     continue
                 run = info.run
                 click.echo(
-                    _row(
+                    row(
                         (
                             run.run_id,
                             run.task_name,
                             run.step,
                             str(run.pause_seq),
-                            _state(info),
-                            _ago(run.paused_at, now),
-                            _deadline(run, now),
+                            state_of(info),
+                            ago(run.paused_at, now),
+                            deadline(run, now),
                         )
                     )
                 )
@@ -360,39 +285,43 @@ def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
         if run is None:
             raise Failed(f"no run {run_id!r} in the checkpoint store {store!r}")
     info = RunInfo(run=run, lease=lease)
-    status = run.status if run.status != "paused" else _state(info)
+    status = run.status if run.status != "paused" else state_of(info)
     if as_json:
         data = run.model_dump(mode="json", exclude={"lease"})
         data["state"] = status
         data["lease"] = None if lease is None else lease.model_dump(mode="json")
-        _echo(data)
+        echo_json(data)
         return
     now = utcnow()
-    request = run.resume
     lines: list[tuple[str, str]] = [
         ("run id", run.run_id),
         ("task", run.task_name),
         ("state", status + (f": {run.ended_reason}" if run.ended_reason else "")),
         ("step", f"{run.step} (pause {run.pause_seq})"),
         ("reason", run.reason or "-"),
-        ("created", f"{run.created_at.isoformat()} ({_ago(run.created_at, now)})"),
-        ("paused", f"{run.paused_at.isoformat()} ({_ago(run.paused_at, now)})"),
+        ("created", f"{run.created_at.isoformat()} ({ago(run.created_at, now)})"),
+        ("paused", f"{run.paused_at.isoformat()} ({ago(run.paused_at, now)})"),
     ]
     if run.expires_at is not None:
         lines.append(
             (
                 "expires",
-                f"{run.expires_at.isoformat()} ({_deadline(run, now)}, then {run.on_timeout})",
+                f"{run.expires_at.isoformat()} ({deadline(run, now)}, then {run.on_timeout})",
             )
         )
     lines.append(("expects", run.expects or "any JSON"))
-    if request is not None and request.pause_seq == run.pause_seq:
+    request = run.current_resume
+    if request is not None:
         what = "timeout" if request.timed_out else f"input {json.dumps(request.input)}"
         detail = f": {request.error}" if request.error else ""
         lines.append(("resume", f"{request.request_id} {request.status}{detail} ({what})"))
+        who = request.actor or "unknown"
+        lines.append(
+            ("answered by", f"{who} via {request.via} at {request.requested_at.isoformat()}")
+        )
     if lease is not None:
         lines.append(
-            ("lease", f"token {lease.token} held by {lease.owner}, until {_iso(lease.expires_at)}")
+            ("lease", f"token {lease.token} held by {lease.owner}, until {iso(lease.expires_at)}")
         )
     lines += [
         ("recoveries", str(run.recoveries)),
@@ -426,6 +355,9 @@ def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
     metavar="N",
     help="Resume only if the run is still at this pause (see 'show').",
 )
+@click.option(
+    "--actor", metavar="NAME", help="Who answers, recorded on the request (default: your login)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the accepted request as JSON.")
 @click.pass_context
 def resume(
@@ -434,6 +366,7 @@ def resume(
     input_text: str | None,
     request_id: str | None,
     pause_seq: int | None,
+    actor: str | None,
     as_json: bool,
 ) -> None:
     """Resume a paused run; its input is checked against the pause's 'expects' first."""
@@ -443,7 +376,14 @@ def resume(
     checkpoints = _checkpoints(ctx)
     with _errors():
         try:
-            checkpoints.resume(run_id, value, request_id=request_id, pause_seq=pause_seq)
+            checkpoints.resume(
+                run_id,
+                value,
+                request_id=request_id,
+                pause_seq=pause_seq,
+                actor=actor or _os_user(),
+                via="cli",
+            )
         except KombuError as exc:
             raise Failed(
                 _one_line(
@@ -452,7 +392,7 @@ def resume(
                 )
             ) from None
     if as_json:
-        _echo({"run_id": run_id, "request_id": request_id, "accepted": True})
+        echo_json({"run_id": run_id, "request_id": request_id, "accepted": True})
     else:
         click.echo(f"resume {request_id} of run {run_id} accepted; a worker continues it")
 
@@ -470,7 +410,7 @@ def cancel(ctx: click.Context, run_id: str, reason: str | None, as_json: bool) -
         was_in_flight = checkpoints.store.lease(run_id) is not None
         ended = checkpoints.cancel(run_id, reason=reason)
     if as_json:
-        _echo(
+        echo_json(
             {
                 "run_id": ended.run_id,
                 "task": ended.task_name,
@@ -494,13 +434,11 @@ def cancel(ctx: click.Context, run_id: str, reason: str | None, as_json: bool) -
 @click.pass_context
 def recover(ctx: click.Context, as_json: bool) -> None:
     """One recovery pass, as every worker runs on its timer; prints what it did."""
-    from .bootstep import recover as recovery_pass
-
     checkpoints = _checkpoints(ctx)
     with _errors():
-        report = recovery_pass(checkpoints.app)
+        report = checkpoints.recover()
     if as_json:
-        _echo(dataclasses.asdict(report))
+        echo_json(dataclasses.asdict(report))
     else:
         click.echo(f"recovery pass: {report}")
 
@@ -514,7 +452,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
     with _errors():
         counts = store.stats()
     if as_json:
-        _echo(counts)
+        echo_json(counts)
         return
     labels = (
         ("runs", "runs"),
@@ -523,9 +461,10 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         ("pending_resumes", "pending resumes"),
         ("due_timeouts", "due timeouts"),
     )
+    values: dict[str, object] = dict(counts)
     for key, label in labels:
-        if key in counts:
-            click.echo(f"{label:<16} {counts[key]:>8}")
+        if key in values:
+            click.echo(f"{label:<16} {values[key]:>8}")
 
 
 @checkpoint.command()
@@ -548,6 +487,6 @@ def prune(ctx: click.Context, older_than: float, as_json: bool) -> None:
     with _errors():
         pruned = store.prune_ended(older_than)
     if as_json:
-        _echo({"pruned": pruned, "older_than_seconds": older_than})
+        echo_json({"pruned": pruned, "older_than_seconds": older_than})
     else:
-        click.echo(f"pruned {pruned} ended runs that ended over {_span(older_than)} ago")
+        click.echo(f"pruned {pruned} ended runs that ended over {span(older_than)} ago")

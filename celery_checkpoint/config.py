@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .exceptions import ImproperlyConfigured
+from .model import DEFAULT_LEASE_SECONDS
 
 __all__ = ["CheckpointConfig", "default_store_dir"]
 
@@ -49,7 +50,7 @@ def _number(conf: Any, key: str, default: float, *, minimum: float) -> float:
 @dataclass(frozen=True)
 class CheckpointConfig:
     store: str
-    lease_seconds: float = 60.0
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
     heartbeat_interval: float = 20.0
     recovery_interval: float = 30.0
     max_recoveries: int = 5
@@ -60,7 +61,7 @@ class CheckpointConfig:
         """Read and validate the ``checkpoint_*`` keys; raise ``ImproperlyConfigured``."""
         conf = app.conf
         target = store or conf.get("checkpoint_store") or default_store_dir(app.main)
-        lease = _number(conf, "checkpoint_lease_seconds", 60.0, minimum=0.1)
+        lease = _number(conf, "checkpoint_lease_seconds", DEFAULT_LEASE_SECONDS, minimum=0.1)
         heartbeat = _number(conf, "checkpoint_heartbeat_interval", lease / 3, minimum=0.01)
         if heartbeat >= lease:
             raise ImproperlyConfigured(

@@ -13,7 +13,7 @@ keyword arguments, and must accept ``**kwargs`` (more may be added)::
     def page_someone(sender=None, run=None, step=None, **kwargs):
         alert(f"{run.task_name} run {run.run_id} expired waiting at {step}")
 
-``run`` is always the :class:`~celery_checkpoint.PausedWorkflow` record of the
+``run`` is always the :class:`~celery_checkpoint.RunRecord` record of the
 transition (with its ``lease`` set while the run is in flight); ``step`` is
 the pause point's name, the same as ``run.step``.
 

@@ -10,12 +10,23 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import BACKENDS, DEFAULT_LEASE_SECONDS, CheckpointStore, RunFilter, RunInfo, StoreStats
+from .base import (
+    BACKENDS,
+    DEFAULT_LEASE_SECONDS,
+    CheckpointStore,
+    GroupCounts,
+    Order,
+    RunFilter,
+    RunInfo,
+    StoreStats,
+)
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_LEASE_SECONDS",
     "CheckpointStore",
+    "GroupCounts",
+    "Order",
     "RunFilter",
     "RunInfo",
     "StoreStats",

@@ -29,9 +29,8 @@ import importlib
 import os
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import Any, TypedDict
+from datetime import datetime
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from pydantic import JsonValue
@@ -48,14 +47,26 @@ from ..model import (
     utcnow,
     validate_run_id,
 )
+from ._shapes import (
+    GroupCounts,
+    Order,
+    RunFilter,
+    RunInfo,
+    StoreStats,
+    make_stats,
+    sort_in_memory,
+)
 
 __all__ = [
     "BACKENDS",
     "DEFAULT_LEASE_SECONDS",
     "CheckpointStore",
+    "GroupCounts",
+    "Order",
     "RunFilter",
     "RunInfo",
     "StoreStats",
+    "make_stats",
 ]
 
 #: scheme -> "module:Class"; a plain path means the file backend.
@@ -69,56 +80,14 @@ _URL_WITHOUT_SLASHES = re.compile(r"(file|redis|rediss|unix):(?!//)", re.IGNOREC
 _END_STATUSES = ("cancelled", "expired", "failed")
 
 
-@dataclass(frozen=True)
-class RunInfo:
-    """One row of :meth:`CheckpointStore.list`: a run's record and its live lease."""
-
-    run: RunRecord
-    lease: Lease | None
-
-    @property
-    def in_flight(self) -> bool:
-        return self.lease is not None
-
-
-class StoreStats(TypedDict):
-    """What :meth:`CheckpointStore.stats` counts."""
-
-    runs: int  #: paused or in flight
-    paused: int
-    in_flight: int
-    pending_resumes: int  #: accepted, not claimed yet
-    due_timeouts: int  #: deadline passed, timeout not run yet
-
-
-@dataclass(frozen=True)
-class RunFilter:
-    """The filters of :meth:`CheckpointStore.list`; one place decides what matches."""
-
-    task: str | None = None
-    step: str | None = None
-    older_than: float | None = None  #: seconds since the run paused
-
-    @property
-    def cutoff(self) -> datetime | None:
-        """Runs paused after this instant are too young to list."""
-        if self.older_than is None:
-            return None
-        return utcnow() - timedelta(seconds=self.older_than)
-
-    def matches(self, run: RunRecord, cutoff: datetime | None) -> bool:
-        if self.task is not None and run.task_name != self.task:
-            return False
-        if self.step is not None and run.step != self.step:
-            return False
-        return cutoff is None or run.paused_at <= cutoff
-
-
 class CheckpointStore(abc.ABC):
     """A checkpoint store. ``CheckpointStore.open(target)`` picks the backend."""
 
     #: the URL scheme(s) this backend serves, for error messages
     url: str = ""
+    #: whether ``_list`` itself honours ``RunFilter.order`` and ``after`` (from an
+    #: index); otherwise the base sorts the rows in memory
+    ordered_listing: bool = False
 
     def __init__(self, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.lease_seconds = float(lease_seconds)
@@ -336,9 +305,22 @@ class CheckpointStore(abc.ABC):
         task: str | None = None,
         step: str | None = None,
         older_than: float | None = None,
+        order: Order | None = None,
+        after: tuple[str, str] | None = None,
     ) -> Iterator[RunInfo]:
-        """Paused and in-flight runs, streaming; ``older_than`` is seconds since paused."""
-        return self._list(RunFilter(task=task, step=step, older_than=older_than))
+        """Paused and in-flight runs; ``older_than`` is seconds since paused.
+
+        Without ``order`` the rows stream in the store's own order, starting at
+        once. ``order="oldest"``/``"newest"`` sorts by when the run paused,
+        ``"deadline"`` lists runs with a deadline, soonest first; ``after`` (a
+        row's :meth:`RunInfo.position`) continues past that row, for paging.
+        """
+        if after is not None and order is None:
+            raise ValueError("list(after=...) needs an order")
+        where = RunFilter(task=task, step=step, older_than=older_than, order=order, after=after)
+        if order is None or self.ordered_listing:
+            return self._list(where)
+        return iter(sort_in_memory(builtins.list(self._list(where.unordered())), where))
 
     def count(self) -> int:
         """How many runs are paused or in flight, without reading their records."""
@@ -358,6 +340,11 @@ class CheckpointStore(abc.ABC):
         ``in_flight``, ``pending_resumes`` (accepted, not claimed yet) and
         ``due_timeouts`` (deadline passed, timeout not run yet)."""
         return self._stats()
+
+    def summary(self, now: datetime | None = None) -> builtins.list[GroupCounts]:
+        """The live runs counted by task and step (paused, in flight, pending an
+        answer, overdue) with the oldest pause of each: what metrics export."""
+        return self._summary(now or utcnow())
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections or file handles."""
@@ -442,16 +429,34 @@ class CheckpointStore(abc.ABC):
                 pending += 1
         return make_stats(runs, in_flight, pending, len(self._due_timeouts(None)))
 
+    def _summary(self, now: datetime) -> builtins.list[GroupCounts]:
+        """Default: reads every record; a backend overrides it with aggregate counts."""
+        groups: dict[tuple[str, str], GroupCounts] = {}
+        for info in self._list(RunFilter()):
+            run = info.run
+            group = groups.setdefault(
+                (run.task_name, run.step),
+                GroupCounts(
+                    task=run.task_name,
+                    step=run.step,
+                    paused=0,
+                    in_flight=0,
+                    pending=0,
+                    overdue=0,
+                    oldest_paused_at=None,
+                ),
+            )
+            if info.in_flight:
+                group["in_flight"] += 1
+                continue
+            group["paused"] += 1
+            request = run.current_resume
+            group["pending"] += request is not None and request.status == "pending"
+            group["overdue"] += run.expires_at is not None and run.expires_at <= now
+            oldest = group["oldest_paused_at"]
+            if oldest is None or run.paused_at < oldest:
+                group["oldest_paused_at"] = run.paused_at
+        return sorted(groups.values(), key=lambda g: (g["task"], g["step"]))
+
     def _lease_seconds(self, lease_seconds: float | None) -> float:
         return self.lease_seconds if lease_seconds is None else float(lease_seconds)
-
-
-def make_stats(runs: int, in_flight: int, pending: int, due_timeouts: int) -> StoreStats:
-    """The one shape of :meth:`CheckpointStore.stats`."""
-    return StoreStats(
-        runs=runs,
-        paused=runs - in_flight,
-        in_flight=in_flight,
-        pending_resumes=pending,
-        due_timeouts=due_timeouts,
-    )

@@ -46,7 +46,7 @@ def test_cancel_of_a_paused_run_is_durable_and_final(ops: Ops) -> None:
     assert result.id not in {info.run.run_id for info in other.store.list()}
 
     # Nothing later runs it: not a timeout, not recovery, not a stray message.
-    assert not ops.checkpoints._fire_timeout(result.id)
+    assert not ops.checkpoints.fire_timeout(result.id)
     assert recover(ops.app).timeouts == 0
     ops.checkpoints.send(ended, None)
     ops.wait(lambda: ops.ignored(result.id), "the stray message to be ignored")
@@ -71,7 +71,7 @@ def test_an_expired_run_cannot_be_cancelled(ops: Ops) -> None:
     run = store.load(result.id)
     assert run is not None
     store.save(run.model_copy(update={"expires_at": utcnow() - timedelta(seconds=1)}))
-    assert ops.checkpoints._fire_timeout(result.id)
+    assert ops.checkpoints.fire_timeout(result.id)
     ops.wait_state(result, "FAILURE")
     with pytest.raises(PauseExpired):
         ops.checkpoints.cancel(result.id)

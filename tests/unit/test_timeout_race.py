@@ -46,12 +46,12 @@ def _checkpoints(store_dir: str) -> Checkpoints:
 
 def _deliver(checkpoints: Checkpoints, run_id: str, pause_seq: int) -> tuple[Any, ...]:
     """Handle one resume message as the task wrapper does, without a body."""
-    claim = checkpoints._claim(run_id, pause_seq, Owner.current())
+    claim = checkpoints._executor._claim(run_id, pause_seq, Owner.current())
     if claim is None:
         return ("not claimed",)
     if claim.expires:
         try:
-            checkpoints._expire("race", claim)
+            checkpoints._executor._expire("race", claim)
         except PauseExpired:
             return ("expired",)
         raise AssertionError("_expire returned")
@@ -107,7 +107,7 @@ def _racer(
             # A timer that arrives early does nothing; this one keeps trying
             # until the deadline passes or the run has moved on.
             while True:
-                if checkpoints._fire_timeout(run_id, seq):
+                if checkpoints.fire_timeout(run_id, seq):
                     report(role, name, "fired", _deliver(checkpoints, run_id, seq))
                     return
                 run = store.load(run_id)

@@ -60,7 +60,7 @@ def test_a_resume_after_the_timeout_resumed_the_run_is_refused(ops: Ops) -> None
     run = store.load(result.id)
     assert run is not None
     store.save(run.model_copy(update={"expires_at": utcnow(), "on_timeout": "resume"}))
-    assert ops.checkpoints._fire_timeout(result.id)
+    assert ops.checkpoints.fire_timeout(result.id)
     with pytest.raises(AlreadyResumed):
         ops.checkpoints.resume(result.id, "finished")
     ops.gate.set()
@@ -147,7 +147,7 @@ def test_a_timed_out_body_that_fails_is_not_timed_out_again(ops: Ops) -> None:
     assert run is not None
     past = utcnow() - timedelta(seconds=1)
     store.save(run.model_copy(update={"expires_at": past, "on_timeout": "resume"}))
-    assert ops.checkpoints._fire_timeout(result.id)
+    assert ops.checkpoints.fire_timeout(result.id)
     with pytest.raises(RuntimeError, match="timed-out body failed"):
         result.get(timeout=30)
     paused = store.load(result.id)  # released back to PAUSED, nothing lost
@@ -155,7 +155,7 @@ def test_a_timed_out_body_that_fails_is_not_timed_out_again(ops: Ops) -> None:
     assert paused.resume.timed_out and paused.resume.status == "failed"
     # The timeout fired once: neither the sweep nor a late timer fires it again.
     assert recover(ops.app).timeouts == 0
-    assert not ops.checkpoints._fire_timeout(result.id, paused.pause_seq)
+    assert not ops.checkpoints.fire_timeout(result.id, paused.pause_seq)
     # A person may still answer the failed attempt.
     ops.checkpoints.resume(result.id, "by hand")
     assert ops.wait_state(result, "SUCCESS").result == "by hand"

@@ -1,0 +1,393 @@
+"""The worker side: the state machine around one execution of a checkpointed body.
+
+A first execution (no resume header) runs the body; if it raises ``Pause`` the
+run is checkpointed (:mod:`._pausing`) and the execution ends with ``Ignore``.
+A resume message claims the run (exactly one delivery wins; the others are
+acknowledged and do nothing), heartbeats the lease while the body runs, then:
+
+* the body returned: the run completes, its value goes to Celery as usual;
+* it raised ``Pause`` again: the new checkpoint replaces the old one and ends
+  the lease in the same step;
+* it raised anything else: the run is released back to PAUSED with nothing
+  lost, then Celery's own failure and retry handling runs.
+
+A lease lost meanwhile (cancelled, or recovered elsewhere) turns any of these
+into a logged ``Ignore``: the run belongs to someone else now.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from celery import current_task, states
+from celery.exceptions import Ignore
+
+from . import signals
+from ._bound import Bound, BoundTask
+from ._client import HEADER
+from ._events import announce
+from ._heartbeat import Beat, heartbeats
+from ._pausing import IGNORE, Pausing
+from .exceptions import LeaseLost, PauseExpired
+from .model import Owner, ResumeRequest, RunRecord, validate_run_id
+from .pause import PAUSED, RESUMING, Pause, Run, validate_input
+
+__all__ = ["Executor"]
+
+logger = logging.getLogger("celery_checkpoint")
+
+#: Longest a resumed body waits for the pausing worker's PAUSED state (seconds).
+_PAUSED_STATE_WAIT = 5.0
+
+_CURRENT: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
+    "checkpoint_run", default=None
+)
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A resume message's won claim, and what it must do (read from the record)."""
+
+    run: RunRecord
+    token: int
+    request: ResumeRequest | None
+    timed_out: bool
+
+    @property
+    def expires(self) -> bool:
+        return self.timed_out and self.run.on_timeout == "expire"
+
+
+class Executor:
+    """Runs checkpointed bodies for one bound app."""
+
+    def __init__(self, bound: Bound, pausing: Pausing) -> None:
+        self.bound = bound
+        self._pausing = pausing
+
+    def wrap(self, fun: Callable[..., Any], *, bind: bool) -> Callable[..., Any]:
+        """The task body Celery registers: ``fun`` inside the state machine."""
+
+        @functools.wraps(fun)
+        def checkpointed(*args: Any, **kwargs: Any) -> Any:
+            task = args[0] if bind else current_task._get_current_object()
+            result = self._execute(task, fun, args, kwargs)
+            if result is IGNORE:
+                # Raised here, not where the run paused: Celery copies the code
+                # positions of every frame in an Ignore's traceback (twice), formats
+                # them and pickles them to the pool's parent. Six frames deep, that
+                # was about a third of a first execution's time in the worker.
+                raise Ignore()
+            return result
+
+        # Celery names the task and checks call arguments from this signature.
+        checkpointed.__signature__ = inspect.signature(fun)  # type: ignore[attr-defined]
+        return checkpointed
+
+    @staticmethod
+    def current() -> Run:
+        """The run of the body executing in this thread; ``RuntimeError`` outside one."""
+        run = _CURRENT.get()
+        if run is None:
+            raise RuntimeError("checkpoints.current() is only available inside a checkpoint task")
+        return run
+
+    def _execute(
+        self,
+        task: BoundTask,
+        fun: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        request = task.request
+        if request.id is None or getattr(request, "called_directly", False):
+            # Called as a plain function, not through Celery: no run to checkpoint.
+            token = _CURRENT.set(Run(run_id="", resumed=False))
+            try:
+                return fun(*args, **kwargs)
+            finally:
+                _CURRENT.reset(token)
+        header = _header(request)
+        if header is None:
+            return self._first_execution(task, fun, args, kwargs)
+        return self._resumed_execution(task, fun, args, kwargs, header)
+
+    def _first_execution(
+        self,
+        task: BoundTask,
+        fun: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        run_id = validate_run_id(task.request.id)
+        if self.bound.store.exists(run_id):
+            logger.warning(
+                "run %s: ignoring a redelivered first-execution message, the run already has "
+                "a checkpoint (running the body again would repeat its side effects)",
+                run_id,
+            )
+            return IGNORE
+        context = _CURRENT.set(Run(run_id=run_id, resumed=False))
+        try:
+            return fun(*args, **kwargs)
+        except Pause as pause:
+            return self._pausing.pause(task, pause, previous=None, token=None)
+        finally:
+            _CURRENT.reset(context)
+
+    def _resumed_execution(
+        self,
+        task: BoundTask,
+        fun: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        header: dict[str, Any],
+    ) -> Any:
+        run_id = validate_run_id(task.request.id)
+        pause_seq = header.get("pause_seq")
+        owner = _owner(getattr(task.request, "hostname", None))
+        claim = self._claim(run_id, pause_seq if isinstance(pause_seq, int) else None, owner)
+        if claim is None:
+            logger.info(
+                "run %s: message for pause %s not claimed (a duplicate delivery, a second "
+                "resume, or the run is in flight, ended or at another pause): acknowledged, "
+                "nothing run",
+                run_id,
+                pause_seq,
+            )
+            return IGNORE
+        if claim.expires:
+            self._expire(task, claim)
+        current = self._resumed_run(claim)
+        announce(
+            "resumed",
+            signals.checkpoint_resumed,
+            task,
+            claim.run,
+            log={
+                "token": claim.token,
+                "request_id": current.request_id,
+                "timed_out": claim.timed_out,
+                "owner": owner.node,
+            },
+            timed_out=claim.timed_out,
+            request_id=current.request_id,
+        )
+        config = self.bound.config
+        beat = heartbeats.start(
+            self.bound.store,
+            run_id,
+            claim.token,
+            lease_seconds=config.lease_seconds,
+            interval=config.heartbeat_interval,
+        )
+        context = _CURRENT.set(current)
+        try:
+            self._await_paused_state(task, claim.run)
+            return self._run_body(task, fun, args, kwargs, claim, beat)
+        finally:
+            beat.stop()
+            _CURRENT.reset(context)
+
+    def _resumed_run(self, claim: _Claim) -> Run:
+        """The body's view of a claimed run; an input that no longer validates releases it."""
+        run, request = claim.run, claim.request
+        resume_input = None
+        if request is not None and not claim.timed_out:
+            try:
+                resume_input, _ = validate_input(run, request.input)
+            except BaseException as exc:
+                self.bound.store.release(run.run_id, claim.token, error=repr(exc))
+                raise
+        return Run(
+            run_id=run.run_id,
+            resumed=True,
+            step=run.step,
+            pause_seq=run.pause_seq,
+            state=run.state,
+            resume_input=resume_input,
+            timed_out=claim.timed_out,
+            request_id=None if request is None else request.request_id,
+            token=claim.token,
+        )
+
+    def _run_body(
+        self,
+        task: BoundTask,
+        fun: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        claim: _Claim,
+        beat: Beat,
+    ) -> Any:
+        """Run the claimed body and end its lease by what it did (see the module docstring)."""
+        try:
+            pause, result = _call(fun, args, kwargs)
+            beat.stop()
+            if pause is not None:
+                return self._pausing.pause(task, pause, previous=claim.run, token=claim.token)
+            self._complete(task, claim, result)
+            return result
+        except Ignore:
+            raise
+        except BaseException as exc:
+            # The body, or saving its pause, or completing it failed: give the
+            # run back (still PAUSED, nothing lost) before Celery's own failure
+            # handling, or recovery would run it again and again.
+            beat.stop()
+            if not self._release(claim.run.run_id, claim.token, exc):
+                # Cancelled or taken over meanwhile: storing this failure
+                # would overwrite the state of whoever owns the run now.
+                raise Ignore() from exc
+            raise
+
+    def _await_paused_state(self, task: BoundTask, run: RunRecord) -> None:
+        """Wait (briefly) until the pausing worker has stored PAUSED for this pause.
+
+        It saves the checkpoint first and stores the Celery state just after; a
+        resume fast enough to finish in between would have its SUCCESS
+        overwritten by that late PAUSED. Normally the state is there already
+        and this is one result-backend read.
+        """
+        deadline = time.monotonic() + _PAUSED_STATE_WAIT
+        while True:
+            try:
+                meta = task.backend.get_task_meta(run.run_id, cache=False)
+            except Exception:  # a backend that stores nothing, or is down: do not wait
+                return
+            state = meta.get("status")
+            result = meta.get("result")
+            if state == RESUMING or state in states.READY_STATES:
+                return
+            if (
+                state == PAUSED
+                and isinstance(result, dict)
+                and result.get("pause_seq", run.pause_seq) >= run.pause_seq
+            ):
+                return
+            if time.monotonic() >= deadline:
+                logger.warning(
+                    "run %s: resuming although the result backend does not show pause %d "
+                    "(state %s): the pausing worker may have died between its two writes",
+                    run.run_id,
+                    run.pause_seq,
+                    state,
+                )
+                return
+            time.sleep(0.01)
+
+    def _claim(self, run_id: str, pause_seq: int | None, owner: Owner) -> _Claim | None:
+        """Claim the run for one resume message; None when another delivery owns it.
+
+        What runs is read from the claimed record, not from the message: the
+        pending request's input, or, for a timed-out request, the pause's
+        ``on_timeout``.
+        """
+        run = self.bound.store.claim(
+            run_id, owner=owner, lease_seconds=self.bound.config.lease_seconds, pause_seq=pause_seq
+        )
+        if run is None or run.lease is None:
+            return None
+        request = run.current_resume
+        return _Claim(run, run.lease.token, request, request is not None and request.timed_out)
+
+    def _expire(self, sender: BoundTask, claim: _Claim) -> None:
+        """End a claimed run whose pause timed out with ``on_timeout="expire"``; always raises.
+
+        ``PauseExpired`` reaches Celery, which stores FAILURE and runs the
+        error callbacks; ``Ignore`` if the run was cancelled meanwhile.
+        """
+        run = claim.run
+        try:
+            ended = self.bound.store.end(
+                run.run_id, "expired", reason="pause timed out", token=claim.token
+            )
+        except LeaseLost as lost:
+            logger.error("run %s: expiry dropped, the run moved on: %s", run.run_id, lost)
+            raise Ignore() from lost
+        announce(
+            "expired",
+            signals.checkpoint_expired,
+            sender,
+            ended if ended is not None else run,
+            level=logging.WARNING,
+            log={"expires_at": run.expires_at},
+        )
+        raise PauseExpired(
+            f"run {run.run_id!r} expired: nobody resumed it at step {run.step!r} before "
+            f"{run.expires_at.isoformat() if run.expires_at else 'its deadline'}"
+        )
+
+    def _release(self, run_id: str, token: int, exc: BaseException) -> bool:
+        """Give the run back after the body raised; False if the lease was lost."""
+        try:
+            self.bound.store.release(run_id, token, error=f"{type(exc).__name__}: {exc}")
+        except LeaseLost as lost:
+            logger.error(
+                "run %s: body raised %r after its lease was lost (cancelled or recovered "
+                "elsewhere), failure dropped: %s",
+                run_id,
+                exc,
+                lost,
+            )
+            return False
+        logger.info("run %s: body raised %r; run released back to PAUSED", run_id, exc)
+        return True
+
+    def _complete(self, task: BoundTask, claim: _Claim, result: Any) -> None:
+        run = claim.run
+        try:
+            self.bound.store.complete(run.run_id, token=claim.token)
+        except LeaseLost as lost:
+            # Cancelled, or another worker owns the run now: storing this result
+            # would overwrite REVOKED or race the new owner.
+            logger.error(
+                "run %s: finished after its lease was lost, result dropped: %s", run.run_id, lost
+            )
+            raise Ignore() from lost
+        announce(
+            "completed",
+            signals.checkpoint_completed,
+            task,
+            run,
+            log={"token": claim.token},
+            result=result,
+        )
+
+
+def _call(
+    fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Pause | None, Any]:
+    """Run the body: (the Pause it raised, None) or (None, what it returned)."""
+    try:
+        return None, fun(*args, **kwargs)
+    except Pause as pause:
+        return pause, None
+
+
+_OWNERS: dict[tuple[int, str | None], Owner] = {}
+
+
+def _owner(node: str | None) -> Owner:
+    """This process's lease owner as ``node``: built once per process, as it reads /proc."""
+    key = (os.getpid(), node)
+    owner = _OWNERS.get(key)
+    if owner is None:
+        owner = _OWNERS[key] = Owner.current(node=node)
+    return owner
+
+
+def _header(request: Any) -> dict[str, Any] | None:
+    headers = getattr(request, "headers", None) or {}
+    value = headers.get(HEADER) if isinstance(headers, dict) else None
+    if value is None:
+        value = getattr(request, HEADER, None)
+    return value if isinstance(value, dict) else None

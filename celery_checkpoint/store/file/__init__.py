@@ -25,9 +25,9 @@ transition leaves it, or in one of the states below, which the next read or
 recovery pass treats as one of those two and repairs:
 
 * *A tombstone wins.* While ``ended/<id>.json`` exists the run has ended; a
-  ``paused/<id>.json`` beside it is stale (an ``end`` or ``complete`` killed
-  after its tombstone, or a ``save`` of a new run under an ended id killed
-  before it dropped the old tombstone) and reads as absent everywhere: claim,
+  ``paused/<id>.json`` beside it is stale (an ``end`` killed after its
+  tombstone, a removal a power cut undid, or a ``save`` of a new run under an
+  ended id killed before it dropped the old tombstone) and reads as absent everywhere: claim,
   request_resume, save, load, lease, list, count, recovery and the sweeps. The
   first of them to hold the run's lock deletes it with its marker and index
   entries. ``end`` therefore writes the tombstone durably first; ``save`` writes
@@ -43,15 +43,17 @@ recovery pass treats as one of those two and repairs:
   and complete write the record (or tombstone) first; a marker left behind is
   dead, and recovery drops it.
 * *Index entries lead.* A pending entry exists whenever the record has a pending
-  request, and a deadline entry whenever it has a deadline, never later than it:
+  request and no live lease (``due_resumes`` drops the entries of runs in
+  flight; recovery and release settle them again), and a deadline entry whenever it has a deadline, never later than it:
   each is created (durably) before the record that needs it, and removed (not
   synced) after the record that no longer does. ``due_resumes`` drops entries
   whose record has no pending request (or is in flight, ended or gone), and
   ``due_timeouts`` drops deadline entries whose record has no deadline and
   re-dates early ones; recovery puts a re-armed run's entries back.
 * *Temp files are never read.* A writer killed mid-write leaves a file in
-  ``tmp/``; recovery removes those older than an hour (by age, never by pid: a
-  writer in another pid namespace may still be writing).
+  ``tmp/``; recovery removes those older than an hour, or ten lease lengths if
+  that is longer (by age, never by pid: a writer in another pid namespace may
+  still be writing).
 
 What is fsynced is what must survive a power cut once the call returned: the
 record and its directory, a tombstone and its directory, a new index entry's

@@ -395,9 +395,10 @@ def setup_orphan(store: FileStore) -> Context:
     run = store.claim(RUN, lease_seconds=0)  # expired at once
     assert run is not None
     assert run.lease is not None
-    # A resend pass while it was in flight dropped its pending entry: recovery
-    # must put it back, or the request would never be sent again.
-    assert store.due_resumes(0) == []
+    assert store.due_resumes(0) == []  # in flight: not re-sent
+    # Its pending entry gone (a store an older version wrote): recovery must put
+    # it back, or the request would never be sent again.
+    (store.root / "pending" / RUN).unlink()
     # And a temp file a writer left an hour ago, for the sweep to remove.
     old = time.time() - 2 * 3600
     path = store.root / "tmp" / "1.dead.tmp"

@@ -498,6 +498,17 @@ def test_a_save_over_an_ended_run_killed_before_it_dropped_the_tombstone_left_it
     assert store.ended("r1") is None
 
 
+def test_a_request_whose_lease_a_power_cut_took_is_still_re_sent(
+    store: FileStore, root: Path
+) -> None:
+    store.save(make_run("r1"))
+    store.request_resume("r1", "in", "req-1")
+    assert store.claim("r1", lease_seconds=3600) is not None
+    assert store.due_resumes(0) == [], "in flight: not re-sent"
+    (root / "inflight" / "r1.json").unlink()  # the lease is not fsynced: a power cut
+    assert store.due_resumes(0) == ["r1"]
+
+
 def test_refused_stale_writes_leave_every_file_byte_for_byte(store: FileStore, root: Path) -> None:
     store.save(make_run("r1"))
     store.request_resume("r1", "in", "req-1")

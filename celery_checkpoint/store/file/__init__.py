@@ -43,13 +43,13 @@ recovery pass treats as one of those two and repairs:
   and complete write the record (or tombstone) first; a marker left behind is
   dead, and recovery drops it.
 * *Index entries lead.* A pending entry exists whenever the record has a pending
-  request and no live lease (``due_resumes`` drops the entries of runs in
-  flight; recovery and release settle them again), and a deadline entry whenever it has a deadline, never later than it:
-  each is created (durably) before the record that needs it, and removed (not
-  synced) after the record that no longer does. ``due_resumes`` drops entries
-  whose record has no pending request (or is in flight, ended or gone), and
-  ``due_timeouts`` drops deadline entries whose record has no deadline and
-  re-dates early ones; recovery puts a re-armed run's entries back.
+  request (in flight too: a lease is not durable), and a deadline entry
+  whenever it has a deadline, never later than it: each is created (durably)
+  before the record that needs it, and removed (not synced) after the record
+  that no longer does. ``due_resumes`` drops entries whose record has no
+  pending request (or is ended or gone), ``due_timeouts`` drops deadline
+  entries whose record has no deadline and re-dates early ones, and recovery
+  puts a re-armed run's entries back.
 * *Temp files are never read.* A writer killed mid-write leaves a file in
   ``tmp/``; recovery removes those older than an hour, or ten lease lengths if
   that is longer (by age, never by pid: a writer in another pid namespace may

@@ -130,18 +130,17 @@ class Sweeps(Records):
                     continue
                 with fs.locked(run_id):
                     run = self._read_live(run_id, tolerant=True)
-                    if (
-                        run is None
-                        or run.resume is None
-                        or run.resume.status != "pending"
-                        or self._live_lease(run, self._read_lease_tolerant(run_id, run)) is not None
-                    ):
+                    if run is None or run.resume is None or run.resume.status != "pending":
                         fs.unlink("pending", run_id, sync=False)
                         continue
                     # Not synced: an entry whose new time a power cut loses is
                     # re-sent once more, and a claim runs it once.
                     fs.touch("pending", run_id, now, durable=False)
-                    due.append(run_id)
+                    if self._live_lease(run, self._read_lease_tolerant(run_id, run)) is None:
+                        due.append(run_id)
+                    # In flight, the entry stays (looked at again a period later):
+                    # the lease is not durable, and if a power cut takes it the
+                    # request must still be found.
         return due
 
     def _prune_ended(self, older_than: float) -> int:

@@ -184,6 +184,20 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
         verdict = "approved" if decision.approved else "refused"
         return f"{order} {verdict} by {decision.approver}"
 
+    @checkpoints.task(bind=True, shared=False, name="proj.timed")
+    def timed(self: Any, x: int, timeout: float, on_timeout: str = "resume") -> Any:
+        """Pauses with ``timeout``; the resumed body marks its start (a lateness probe)."""
+        run = checkpoints.current()
+        if not run.resumed:
+            raise Pause(
+                "await_deadline",
+                state={"x": x},
+                timeout=timeout,
+                on_timeout=on_timeout,  # type: ignore[arg-type]
+            )
+        mark(markers, "body", run.run_id)
+        return "timed out" if run.timed_out else run.resume_input
+
     @checkpoints.task(bind=True, shared=False, name="proj.two_pauses")
     def two_pauses(self: Any, x: int) -> dict[str, Any]:
         run = checkpoints.current()

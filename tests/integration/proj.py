@@ -53,6 +53,9 @@ class Settings:
     acks_late: bool = False
     #: Redis broker only: seconds before an unacknowledged message is redelivered
     visibility_timeout: float = 0.0
+    #: Redis broker only: restore unacknowledged messages past their visibility
+    #: timeout every second (kombu's default looks every 100 s)
+    restore_every_second: bool = False
     #: how long the chaos body sleeps between its start and end markers
     body_seconds: float = 2.0
 
@@ -133,6 +136,8 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
         broker_options["global_keyprefix"] = f"{settings.prefix}:broker:"
         if settings.visibility_timeout:
             broker_options["visibility_timeout"] = settings.visibility_timeout
+        if settings.restore_every_second:
+            broker_options.update(unacked_restore_interval=1, unacked_restore_throttle=1)
     app.conf.update(
         broker_url=settings.broker,
         result_backend=settings.backend,

@@ -211,7 +211,11 @@ def test_thousands_of_long_pauses_hold_no_broker_message_and_no_worker_memory(
     fleet: Fleet,
 ) -> None:
     app, workers, settings = fleet(
-        REDIS_URL, "redis", visibility_timeout=VISIBILITY_TIMEOUT, recovery_interval=2.0
+        REDIS_URL,
+        "redis",
+        visibility_timeout=VISIBILITY_TIMEOUT,
+        restore_every_second=True,
+        recovery_interval=2.0,
     )
     worker = workers.start()
     checkpoints = Checkpoints.for_app(app)
@@ -227,7 +231,7 @@ def test_thousands_of_long_pauses_hold_no_broker_message_and_no_worker_memory(
     before = group_rss(worker)
     held = []
     for _ in range(10):  # ten visibility timeouts: each would restore every held message
-        time.sleep(VISIBILITY_TIMEOUT)
+        time.sleep(VISIBILITY_TIMEOUT + 1.0)
         held.append(held_messages(settings) + queued_messages(settings))
     grown = group_rss(worker) - before
     assert held == [0] * 10

@@ -6,9 +6,10 @@ the store's earliest deadline. These tests force the conditions under which a
 held ``eta`` message hurts: RabbitMQ's ``consumer_timeout`` made short (a
 delivery left unacknowledged longer than it closes the channel and stops a
 Celery worker), and a Redis broker with a short ``visibility_timeout`` (an
-unacknowledged message is restored and delivered again on every expiry). The
-workers run with a recovery interval of an hour, so a timeout that fires during
-a test was fired by a timer, not by a recovery pass.
+unacknowledged message is restored and delivered again on every expiry). Where
+a test checks that a timeout fires, its workers run with a recovery interval of
+an hour: a timeout that fires during the test was fired by a timer, not by a
+recovery pass.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/store_bench.py
 	$(BIN)/python bench/redis_bench.py
 	$(BIN)/python bench/celery_bench.py
+	$(BIN)/python bench/timers_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

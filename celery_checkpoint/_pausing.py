@@ -1,10 +1,11 @@
 """Checkpointing a run that raised ``Pause``: its record, its save, its PAUSED state.
 
 :func:`record_for` builds the record from the task's request (what a resume
-re-sends: same id, arguments and canvas); :class:`Pausing` saves it, stores the
-Celery state ``PAUSED``, announces the pause and arms its timeout, in that
-order: the timer only after PAUSED is stored, so a short timeout's FAILURE can
-never land first and be overwritten by it.
+re-sends: same id, arguments and canvas); :class:`Pausing` saves it (the
+deadline with it, in the store's deadline index), stores the Celery state
+``PAUSED``, announces the pause and arms this process's timer for the deadline,
+in that order: the timer only after PAUSED is stored, so a short timeout's
+FAILURE can never land first and be overwritten by it.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ and runs one recovery pass (:mod:`celery_checkpoint.recovery`: re-arm runs
 orphaned by dead workers, re-send lost resumes, fire due timeouts), then
 repeats it every ``checkpoint_recovery_interval`` seconds on a daemon thread,
 so runs orphaned by a machine that never comes back are picked up by the
-survivors. Any number of workers may run passes at once.
+survivors. Any number of workers may run passes at once. Each pass also arms
+the worker's deadline timer for the store's earliest pause deadline, which
+then fires on time (:mod:`celery_checkpoint._timeouts`).
 
 ``celery worker --checkpoint-store URL`` overrides ``app.conf.checkpoint_store``.
 """
@@ -66,6 +68,7 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
         try:
             config = checkpoints.config
             store = checkpoints.store
+            checkpoints.start_timer()  # armed by each pass from now on
             report = checkpoints.recover()
         except CheckpointError as exc:
             target = str(app.conf.get("checkpoint_store") or "(the default store)")
@@ -87,6 +90,7 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+        Checkpoints.for_app(parent.app).stop_timer()
 
     def shutdown(self, parent: Any) -> None:
         self.stop(parent)

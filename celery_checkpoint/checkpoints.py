@@ -246,6 +246,15 @@ class Checkpoints:
         """One recovery pass (see :mod:`celery_checkpoint.recovery`)."""
         return recover(self, self._timeouts)
 
+    def start_timer(self) -> None:
+        """Keep this process's timer armed for the store's earliest deadline, read
+        by each recovery pass (the worker bootstep calls it before its first pass)."""
+        self._timeouts.start()
+
+    def stop_timer(self) -> None:
+        """Stop this process's deadline timer (the worker bootstep, at shutdown)."""
+        self._timeouts.stop()
+
 
 def _as_tuple(value: Any) -> tuple[Any, ...]:
     if value is None:

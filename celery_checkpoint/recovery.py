@@ -10,7 +10,11 @@ Every worker runs :func:`recover` before it takes its first task and then every
    times, instead of letting it crash workers forever;
 3. re-sends pending resume requests whose message looks lost
    (``checkpoint_resend_after``);
-4. fires pauses whose timeout has passed.
+4. fires pauses whose deadline has passed, from the store's deadline index;
+5. in a worker, arms the worker's timer for the store's earliest deadline
+   (:mod:`._timeouts`), so it fires at that deadline rather than at the next
+   pass: a pass is what tells a worker of deadlines paused elsewhere, or
+   before a restart.
 
 Every step goes through the store's compare-and-set and claim, so any number
 of workers may run passes at once. One run's trouble (a corrupt record, the
@@ -60,12 +64,14 @@ def recover(bound: Bound, timeouts: Timeouts) -> RecoveryReport:
     """One recovery pass over the bound app's store; safe on any number of workers at once."""
     rearmed = bound.store.recover_orphaned()
     failed = sum(_give_up_or_announce(bound, run) for run in rearmed)
-    return RecoveryReport(
+    report = RecoveryReport(
         rearmed=len(rearmed),
         resent=_resend_pending(bound),
         failed=failed,
-        timeouts=_fire_due_timeouts(bound, timeouts),
+        timeouts=timeouts.fire_due(),
     )
+    timeouts.refresh()
+    return report
 
 
 def _give_up_or_announce(bound: Bound, run: RunRecord) -> bool:
@@ -115,14 +121,3 @@ def _resend_pending(bound: Bound) -> int:
         except Exception as exc:
             logger.warning("run %s: could not re-send its resume: %s", run_id, exc)
     return resent
-
-
-def _fire_due_timeouts(bound: Bound, timeouts: Timeouts) -> int:
-    """Fire deadlines that passed: a lost timer message, or no worker ran meanwhile."""
-    fired = 0
-    for run_id in bound.store.due_timeouts():
-        try:
-            fired += timeouts.fire(run_id)
-        except Exception as exc:
-            logger.warning("run %s: could not fire its timeout: %s", run_id, exc)
-    return fired

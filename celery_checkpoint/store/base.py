@@ -335,6 +335,16 @@ class CheckpointStore(abc.ABC):
         """Run ids of paused runs whose ``expires_at`` has passed."""
         return self._due_timeouts(now)
 
+    def next_deadline(self) -> datetime | None:
+        """The earliest ``expires_at`` among paused runs with a deadline, or None.
+
+        Read from the deadline index, never by reading records, so a worker may
+        ask after every recovery pass and every timeout it fires. A run whose
+        timeout already fired, or that was answered but has not ended yet, may
+        still be listed: the caller re-checks the run before acting on it.
+        """
+        return self._next_deadline()
+
     def stats(self) -> StoreStats:
         """Counts for operators: ``runs`` (paused or in flight), ``paused``,
         ``in_flight``, ``pending_resumes`` (accepted, not claimed yet) and
@@ -412,6 +422,9 @@ class CheckpointStore(abc.ABC):
 
     @abc.abstractmethod
     def _due_timeouts(self, now: datetime | None) -> builtins.list[str]: ...
+
+    @abc.abstractmethod
+    def _next_deadline(self) -> datetime | None: ...
 
     def _exists(self, run_id: str) -> bool:
         """Default: two reads; a backend overrides it with one cheap lookup."""

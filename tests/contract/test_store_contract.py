@@ -601,6 +601,46 @@ def test_due_timeouts_returns_runs_whose_pause_expired(store: CheckpointStore) -
     assert store.due_timeouts(now + timedelta(hours=2)) == []
 
 
+def _near(found: Any, expected: Any) -> bool:
+    """Equal to the millisecond (the file store keeps a deadline as a file's mtime)."""
+    return found is not None and abs(found - expected) < timedelta(milliseconds=1)
+
+
+def test_next_deadline_is_the_earliest_deadline_among_paused_runs(store: CheckpointStore) -> None:
+    assert store.next_deadline() is None
+    now = utcnow()
+    store.save(make_run("never"))
+    assert store.next_deadline() is None
+    # Enough runs to land in several groups of a backend that partitions its index.
+    for i in range(20):
+        store.save(make_run(f"run-{i}", expires_at=now + timedelta(minutes=30 + (i * 7) % 20)))
+    assert _near(store.next_deadline(), now + timedelta(minutes=30))
+    store.save(make_run("late", expires_at=now - timedelta(minutes=1)))
+    assert _near(store.next_deadline(), now - timedelta(minutes=1)), "a passed deadline too"
+    store.save(make_run("late"))  # re-paused without a timeout
+    assert _near(store.next_deadline(), now + timedelta(minutes=30))
+    store.cancel("run-0")
+    _, token = claimed(store, "run-3")  # 30 + 21 % 20 = 31 minutes
+    store.complete("run-3", token=token)
+    assert _near(store.next_deadline(), now + timedelta(minutes=32))
+    for i in range(20):
+        store.cancel(f"run-{i}")
+    assert store.next_deadline() is None
+
+
+def test_next_deadline_lists_a_run_whose_timeout_fired_until_it_ends(
+    store: CheckpointStore,
+) -> None:
+    deadline = utcnow() - timedelta(seconds=1)
+    store.save(make_run("fired", expires_at=deadline))
+    store.request_resume("fired", None, "timeout-1", timed_out=True, via="timeout")
+    assert _near(store.next_deadline(), deadline), "the caller re-checks the run"
+    _, token = claimed(store, "fired")
+    assert _near(store.next_deadline(), deadline)
+    store.complete("fired", token=token)
+    assert store.next_deadline() is None
+
+
 def test_a_new_run_under_an_ended_id_is_claimable_with_growing_tokens(
     store: CheckpointStore,
 ) -> None:

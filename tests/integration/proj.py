@@ -53,6 +53,9 @@ class Settings:
     acks_late: bool = False
     #: Redis broker only: seconds before an unacknowledged message is redelivered
     visibility_timeout: float = 0.0
+    #: Redis broker only: restore unacknowledged messages past their visibility
+    #: timeout every second (kombu's default looks every 100 s)
+    restore_every_second: bool = False
     #: how long the chaos body sleeps between its start and end markers
     body_seconds: float = 2.0
 
@@ -133,6 +136,8 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
         broker_options["global_keyprefix"] = f"{settings.prefix}:broker:"
         if settings.visibility_timeout:
             broker_options["visibility_timeout"] = settings.visibility_timeout
+        if settings.restore_every_second:
+            broker_options.update(unacked_restore_interval=1, unacked_restore_throttle=1)
     app.conf.update(
         broker_url=settings.broker,
         result_backend=settings.backend,
@@ -183,6 +188,20 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
         mark(markers, "body", run.run_id)
         verdict = "approved" if decision.approved else "refused"
         return f"{order} {verdict} by {decision.approver}"
+
+    @checkpoints.task(bind=True, shared=False, name="proj.timed")
+    def timed(self: Any, x: int, timeout: float, on_timeout: str = "resume") -> Any:
+        """Pauses with ``timeout``; the resumed body marks its start (a lateness probe)."""
+        run = checkpoints.current()
+        if not run.resumed:
+            raise Pause(
+                "await_deadline",
+                state={"x": x},
+                timeout=timeout,
+                on_timeout=on_timeout,  # type: ignore[arg-type]
+            )
+        mark(markers, "body", run.run_id)
+        return "timed out" if run.timed_out else run.resume_input
 
     @checkpoints.task(bind=True, shared=False, name="proj.two_pauses")
     def two_pauses(self: Any, x: int) -> dict[str, Any]:

@@ -4,13 +4,15 @@
 pool, ``memory://`` broker polled every 50 ms, ``cache+memory://`` results) on
 an app bound to a file store in a temporary directory, with a queue of its own.
 Bodies report what they saw in ``Ops.calls``; Celery's own ``task_postrun``
-signal tells a test when a message has been handled (the timeout timer, or a
-run message that was ignored), so no test sleeps to guess that something did
-not happen.
+signal tells a test when a message has been handled (a timer message of an
+earlier version, or a run message that was ignored), and the package's log
+lines when a deadline timer went off with nothing to fire, so no test sleeps
+to guess that something did not happen.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -47,6 +49,8 @@ class Ops:
     handled: list[tuple[str, str, str | None, Any, tuple[Any, ...]]] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    #: every line the package logged while the worker ran
+    lines: list[str] = field(default_factory=list)
 
     def wait(self, predicate: Callable[[], T], what: str, timeout: float = 30.0) -> T:
         """Poll until ``predicate()`` is truthy; a hang becomes a failure naming ``what``."""
@@ -76,6 +80,11 @@ class Ops:
                 for name, _, _, retval, args in self.handled
                 if name == TIMER_TASK and args and args[0] == run_id
             ]
+
+    def logged(self, text: str) -> list[str]:
+        """The package's log lines containing ``text``."""
+        with self.lock:
+            return [line for line in self.lines if text in line]
 
     def ignored(self, run_id: str) -> int:
         """How many messages of the run itself the worker acknowledged and ignored."""
@@ -196,6 +205,15 @@ def running(store_dir: Path, **conf: Any) -> Iterator[Ops]:
         with ops.lock:
             ops.handled.append((sender.name, str(task_id), state, retval, tuple(args or ())))
 
+    class Lines(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            with ops.lock:
+                ops.lines.append(record.getMessage())
+
+    package = logging.getLogger("celery_checkpoint")
+    level, lines = package.level, Lines(logging.DEBUG)
+    package.setLevel(logging.DEBUG)
+    package.addHandler(lines)
     task_postrun.connect(record, weak=False)
     try:
         with start_worker(ops.app, pool="threads", concurrency=4, perform_ping_check=False):
@@ -203,3 +221,5 @@ def running(store_dir: Path, **conf: Any) -> Iterator[Ops]:
     finally:
         ops.gate.set()
         task_postrun.disconnect(record)
+        package.removeHandler(lines)
+        package.setLevel(level)

@@ -9,7 +9,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 
 from ...exceptions import CorruptCheckpoint
 from ...model import RunRecord, utcnow, validate_run_id
@@ -205,3 +205,17 @@ class Sweeps(Records):
                     else:
                         due.append(run_id)
         return due
+
+    def _next_deadline(self) -> datetime | None:
+        """The smallest mtime in ``deadlines/``: one directory read, no record read."""
+        earliest: float | None = None
+        with self._io("next_deadline", "*"):
+            for entry in self._fs.entries("deadlines"):
+                try:
+                    validate_run_id(entry.name)
+                    when = entry.stat().st_mtime
+                except (FileNotFoundError, ValueError):
+                    continue
+                if earliest is None or when < earliest:
+                    earliest = when
+        return None if earliest is None else datetime.fromtimestamp(earliest, timezone.utc)

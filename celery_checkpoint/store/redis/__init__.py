@@ -71,12 +71,13 @@ primary should have the eviction policy and persistence described above, which
 are checked on the node the URL names.
 
 ``count`` is one ``ZCARD`` per group in one pipeline (``stats`` one small script
-per group); ``list`` pages through each group's ``paused`` index with
-``ZSCAN``; recovery reads each group's ``inflight`` index up to the server's now
-and this host's ``owners`` sets -- never the whole keyspace (no ``KEYS``/
-``SCAN``). Times: lease expiry in server milliseconds, as asked of a lease; the
-pending index in server microseconds; ``paused_at`` and ``expires_at`` (the
-record's own times) in microseconds.
+per group, ``next_deadline`` one ``ZRANGE deadlines 0 0`` per group in one
+pipeline); ``list`` pages through each group's ``paused`` index with ``ZSCAN``;
+recovery reads each group's ``inflight`` index up to the server's now and this
+host's ``owners`` sets -- never the whole keyspace (no ``KEYS``/``SCAN``).
+Times: lease expiry in server milliseconds, as asked of a lease; the pending
+index in server microseconds; ``paused_at`` and ``expires_at`` (the record's
+own times) in microseconds.
 
 Each script is called with one declared key, the run's hash key, and derives
 the run's other keys and its group's index keys from the group prefix: one

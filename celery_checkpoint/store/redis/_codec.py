@@ -19,6 +19,7 @@ from ...model import Lease, Owner, ResumeRequest, RunRecord, validate_run_id
 __all__ = [
     "GROUPS",
     "from_ms",
+    "from_us",
     "group_of",
     "lease_from",
     "not_a_hash",
@@ -64,6 +65,11 @@ def us(when: datetime) -> int:
 
 def from_ms(ms: int) -> datetime:
     return _EPOCH + timedelta(milliseconds=ms)
+
+
+def from_us(microseconds: int) -> datetime:
+    """The inverse of :func:`us`."""
+    return _EPOCH + timedelta(microseconds=microseconds)
 
 
 def text(value: bytes | str) -> str:

@@ -17,7 +17,17 @@ from pydantic import ValidationError
 from ...exceptions import CorruptCheckpoint
 from ...model import Owner, RunRecord
 from ..base import RunFilter, RunInfo, StoreStats, make_stats
-from ._codec import lease_from, not_a_hash, split, split_flat, text, us, valid, wrong_type
+from ._codec import (
+    from_us,
+    lease_from,
+    not_a_hash,
+    split,
+    split_flat,
+    text,
+    us,
+    valid,
+    wrong_type,
+)
 from ._records import Records
 
 __all__ = ["Sweeps"]
@@ -250,3 +260,18 @@ class Sweeps(Records):
             due = functools.partial(self._conn.scripts["due"], [group + "deadlines"], [bound, "us"])
             ids += self._conn.read("due_timeouts", "*", due)
         return [run_id for run_id in (text(raw) for raw in ids) if valid(run_id)]
+
+    def _next_deadline(self) -> datetime | None:
+        """The lowest score of the groups' deadline indexes: one ``ZRANGE 0 0`` per
+        group, in one pipeline."""
+
+        def do() -> builtins.list[Any]:
+            pipe = self._conn.client.pipeline(transaction=False)
+            for group in self._groups:
+                pipe.zrange(group + "deadlines", 0, 0, withscores=True)
+            result: builtins.list[Any] = pipe.execute()
+            return result
+
+        firsts = self._conn.read("next_deadline", "*", do)
+        scores = [int(score) for first in firsts for _, score in first]
+        return from_us(min(scores)) if scores else None

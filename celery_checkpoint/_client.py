@@ -4,7 +4,8 @@ A resume validates its input against the pause's ``expects`` before anything
 changes, records the request with the store's compare-and-set, then re-sends
 the run's task message with its original id and canvas (:func:`send`). A
 cancel ends the run in the store and stores REVOKED. Neither ever waits for a
-worker.
+worker, and the Celery states they write carry the run's request
+(:mod:`._results`), so they reach a client waiting in ``get()`` on ``rpc://``.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from typing import Any
 
 from celery import signature as make_signature
 from celery import states
-from celery.app.task import Context
 from celery.result import AsyncResult
 
 from . import signals
 from ._bound import Bound
 from ._events import announce, log_event
+from ._results import backend_of, store_state, try_store_state
 from .exceptions import (
     AlreadyResumed,
     CheckpointError,
@@ -63,10 +64,15 @@ def send(bound: Bound, run: RunRecord, request: ResumeRequest | None, kind: str 
     sig.apply_async(add_to_parent=False)
 
 
-def store_resuming(bound: Bound, run: RunRecord, request: ResumeRequest) -> None:
-    """Store RESUMING over the FAILURE a failed attempt left: get() must wait again."""
+def store_resuming(bound: Bound, run: RunRecord, request: ResumeRequest) -> bool:
+    """Store RESUMING over the FAILURE a failed attempt left: get() must wait again.
+
+    Called before the message is sent, so the resumed run's own state always
+    lands after it; a failure is logged and never stops the send (the run
+    matters more than its state in the result backend). True if stored.
+    """
     meta = {"run_id": run.run_id, "step": run.step, "request_id": request.request_id}
-    bound.app.backend.store_result(run.run_id, meta, RESUMING)
+    return try_store_state(bound.app, run, meta, RESUMING)
 
 
 class Client:
@@ -123,7 +129,7 @@ class Client:
             )
             return AsyncResult(run_id, app=app)
         if run.resume is not None and run.resume.status == "failed":
-            store_resuming(self.bound, run, accepted)
+            store_resuming(self.bound, run, accepted)  # first: SUCCESS must land after it
         send(self.bound, run, accepted)
         log_event(
             "resume_requested",
@@ -195,25 +201,18 @@ class Client:
         return ended
 
     def _store_revoked(self, run: RunRecord, *, chord: bool) -> None:
-        """REVOKED with ``RunCancelled`` in the result backend; a chord hears of it."""
+        """REVOKED with ``RunCancelled`` in the result backend; a chord hears of it.
+
+        May raise (the run is cancelled in the store already): cancelling
+        again stores it again.
+        """
         why = f": {run.ended_reason}" if run.ended_reason else ""
         exc = RunCancelled(f"run {run.run_id!r} cancelled{why}")
-        options = run.request.signature.get("options") or {}
-        request = Context(
-            id=run.run_id,
-            task=run.task_name,
-            args=run.args,
-            kwargs=run.kwargs,
-            root_id=run.request.root_id,
-            parent_id=run.request.parent_id,
-            group=run.request.group_id,
-            group_index=options.get("group_index"),
-            chord=options.get("chord"),
-        )
-        backend = self.bound.app.backend
-        backend.store_result(run.run_id, exc, states.REVOKED, traceback=None, request=request)
+        request = store_state(self.bound.app, run, exc, states.REVOKED)
         if chord and request.chord:
             try:
-                backend.on_chord_part_return(request, states.REVOKED, exc)
+                backend_of(self.bound.app, run.task_name).on_chord_part_return(
+                    request, states.REVOKED, exc
+                )
             except Exception as error:
                 logger.error("run %s: could not tell its chord: %s", run.run_id, error)

@@ -14,6 +14,9 @@ so runs orphaned by a machine that never comes back are picked up by the
 survivors. Any number of workers may run passes at once.
 
 ``celery worker --checkpoint-store URL`` overrides ``app.conf.checkpoint_store``.
+
+The step also tells paused and resumed runs whether the worker sends task
+events (``-E``), before the pool forks.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
             # the command line wins over checkpoint_store and over Checkpoints(store=...).
             parent.app.conf.checkpoint_store = checkpoint_store
             Checkpoints.for_app(parent.app).use_store(checkpoint_store)
+        # -E or worker_send_task_events, as this worker resolved them; set here,
+        # before the pool's children fork, so they inherit it.
+        Checkpoints.for_app(parent.app).task_events = bool(getattr(parent, "task_events", False))
 
     def start(self, parent: Any) -> None:
         app = parent.app

@@ -135,7 +135,7 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
             broker_options["visibility_timeout"] = settings.visibility_timeout
     app.conf.update(
         broker_url=settings.broker,
-        result_backend=settings.backend,
+        result_backend=settings.backend or None,  # "": no result backend at all
         broker_transport_options=broker_options,
         result_backend_transport_options={"global_keyprefix": f"{settings.prefix}:results:"},
         result_expires=3600,

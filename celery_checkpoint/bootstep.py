@@ -15,8 +15,10 @@ survivors. Any number of workers may run passes at once.
 
 ``celery worker --checkpoint-store URL`` overrides ``app.conf.checkpoint_store``.
 
-The step also tells paused and resumed runs whether the worker sends task
-events (``-E``), before the pool forks.
+The step also makes Celery's revoke of a run's task id cancel the run
+(:mod:`celery_checkpoint._revoke`; control commands reach the worker's main
+process only, where this step runs), and tells paused and resumed runs
+whether the worker sends task events (``-E``), before the pool forks.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any, ClassVar
 from celery import Celery, bootsteps
 from celery.exceptions import WorkerShutdown
 
+from . import _revoke
 from .checkpoints import Checkpoints
 from .exceptions import CheckpointError
 from .recovery import RecoveryReport
@@ -79,6 +82,7 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.critical("cannot start the worker: %s", message)
             raise WorkerShutdown(message) from exc
         logger.info("checkpoint recovery on %r at boot: %s", store, report)
+        _revoke.install()
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._loop,

@@ -103,6 +103,11 @@ class Checkpoints:
         found = _REGISTRY.get(app)
         return found if found is not None else cls(app)
 
+    @classmethod
+    def find(cls, app: Celery) -> Checkpoints | None:
+        """The app's ``Checkpoints``, or None if nobody bound one to it."""
+        return _REGISTRY.get(app)
+
     # -- configuration and store ---------------------------------------------
 
     @property

@@ -219,6 +219,19 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
             time.sleep(0.02)
         return run.resume_input
 
+    @checkpoints.task(bind=True, shared=False, name="proj.gated_pause")
+    def gated_pause(self: Any, x: int) -> Any:
+        """The first execution marks its start and waits for its gate before it pauses."""
+        run = checkpoints.current()
+        if not run.resumed:
+            mark(markers, "first", run.run_id)
+            gate = gate_path(markers, f"pause-{run.run_id}")
+            while not gate.exists():
+                time.sleep(0.02)
+            raise Pause("await_input", state={"x": x})
+        mark(markers, "body", run.run_id)
+        return x + int(run.resume_input)
+
     @checkpoints.task(bind=True, shared=False, name="proj.slow")
     def slow(self: Any, x: int) -> int:
         """The resumed body marks start, sleeps ``body_seconds``, marks end (chaos)."""

@@ -21,6 +21,7 @@ from celery.result import AsyncResult
 
 from . import signals
 from ._bound import Bound
+from ._codec import decode, encode
 from ._events import announce, log_event
 from ._results import backend_of, store_state, try_store_state
 from .exceptions import (
@@ -34,7 +35,7 @@ from .exceptions import (
 from .model import ResumeRequest, RunRecord, Via, utcnow, validate_run_id
 from .pause import RESUMING, validate_input
 
-__all__ = ["HEADER", "Client", "send", "store_resuming"]
+__all__ = ["HEADER", "Client", "decode", "encode", "send", "store_resuming"]
 
 logger = logging.getLogger("celery_checkpoint")
 
@@ -46,11 +47,11 @@ def send(bound: Bound, run: RunRecord, request: ResumeRequest | None, kind: str 
     """(Re-)send the run's task message with its original id and canvas."""
     app = bound.app
     if run.request.signature:
-        sig = make_signature(dict(run.request.signature), app=app)
+        sig = make_signature(decode(run.request.signature), app=app)
     else:
         # A record written straight to the store (no captured request): the
         # task and its arguments are all there is to send.
-        sig = app.signature(run.task_name, args=run.args, kwargs=run.kwargs)
+        sig = app.signature(run.task_name, args=decode(run.args), kwargs=decode(run.kwargs))
     headers = dict(sig.options.get("headers") or {})
     headers[HEADER] = {
         "kind": kind,

@@ -23,6 +23,7 @@ from celery.app.task import Context
 from celery.backends.base import DisabledBackend
 from celery.backends.rpc import RPCBackend
 
+from ._codec import decode
 from .model import RunRecord
 
 __all__ = ["backend_of", "readable", "request_of", "store_state", "try_store_state"]
@@ -36,8 +37,8 @@ def request_of(run: RunRecord) -> Context:
     return Context(
         id=run.run_id,
         task=run.task_name,
-        args=run.args,
-        kwargs=run.kwargs,
+        args=decode(run.args),
+        kwargs=decode(run.kwargs),
         root_id=run.request.root_id,
         parent_id=run.request.parent_id,
         group=run.request.group_id,

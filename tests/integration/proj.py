@@ -55,6 +55,8 @@ class Settings:
     visibility_timeout: float = 0.0
     #: how long the chaos body sleeps between its start and end markers
     body_seconds: float = 2.0
+    #: recoveries of one run before recovery marks it failed
+    max_recoveries: float = 5
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -145,6 +147,7 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
         broker_connection_retry_on_startup=True,
         checkpoint_lease_seconds=settings.lease_seconds,
         checkpoint_recovery_interval=settings.recovery_interval,
+        checkpoint_max_recoveries=int(settings.max_recoveries),
     )
     if with_store:
         app.conf.checkpoint_store = settings.store

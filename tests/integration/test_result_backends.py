@@ -25,7 +25,7 @@ from uuid import uuid4
 import pytest
 from celery.result import AsyncResult
 
-from celery_checkpoint import PAUSED, Checkpoints, RunCancelled
+from celery_checkpoint import PAUSED, CheckpointError, Checkpoints, RunCancelled
 from tests.conftest import require_server
 from tests.integration.conftest import AMQP_URL, REDIS_URL, make_settings
 from tests.integration.helpers import (
@@ -254,3 +254,36 @@ def test_a_second_resume_is_sent_even_when_the_result_backend_cannot_store_resum
         app.close()
         with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(180)
+def test_on_rpc_a_run_recovery_gives_up_on_fails_the_waiting_get(tmp_path: Path) -> None:
+    """FAILURE stored by a recovery pass on another worker reaches the client that sent it."""
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    settings = make_settings(AMQP_URL, "file", tmp_path, max_recoveries=0, body_seconds=120.0)
+    settings = settings.__class__(**{**settings.__dict__, "backend": "rpc://"})
+    app = make_app(settings)
+    checkpoints = Checkpoints.for_app(app)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    first = Worker(app, settings, logs, name="dies")
+    later: Worker | None = None
+    try:
+        first.wait_ready()
+        result = app.tasks["proj.slow"].delay(1)
+        _paused(checkpoints, result.id, 1, first)
+        checkpoints.resume(result.id, None)
+        wait_until(lambda: read_marks(settings.markers, "start", result.id), "the body", 60, first)
+        first.kill()  # the body dies with its worker: no recovery is allowed (max 0)
+        later = Worker(app, settings, logs, name="recovers").wait_ready()
+        with pytest.raises(CheckpointError, match="checkpoint_max_recoveries=0"):
+            get(result, later)
+        _ended(checkpoints, result.id, "failed", later)
+    finally:
+        for worker in (first, later):
+            if worker is not None:
+                worker.stop()
+        remove_queue(app, settings.queue)
+        checkpoints.store.close()
+        app.close()

@@ -4,12 +4,12 @@ A resume validates its input against the pause's ``expects`` before anything
 changes, records the request with the store's compare-and-set, then re-sends
 the run's task message with its original id and canvas (:func:`send`). A
 cancel ends the run in the store and stores REVOKED. Neither ever waits for a
-worker.
+worker, and the Celery states they write carry the run's request
+(:mod:`._results`), so they reach a client waiting in ``get()`` on ``rpc://``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -17,13 +17,13 @@ from typing import Any
 
 from celery import signature as make_signature
 from celery import states
-from celery.app.task import Context
 from celery.result import AsyncResult
-from kombu.utils import json as kombu_json
 
 from . import signals
 from ._bound import Bound
+from ._codec import decode, encode
 from ._events import announce, log_event
+from ._results import backend_of, store_state, try_store_state
 from .exceptions import (
     AlreadyResumed,
     CheckpointError,
@@ -41,23 +41,6 @@ logger = logging.getLogger("celery_checkpoint")
 
 #: Message header that marks a resume (absent on a first execution).
 HEADER = "celery_checkpoint"
-
-
-def encode(value: Any) -> Any:
-    """``value`` as kombu's JSON serializer carries it: plain JSON, with datetime,
-    Decimal, UUID and bytes kept as ``{"__type__": ..., "__value__": ...}``.
-
-    Task arguments are stored in this form, so a resumed body receives what the
-    first execution received. ``TypeError`` for what that serializer cannot carry.
-    """
-    codec: Any = kombu_json
-    return json.loads(codec.dumps(value))
-
-
-def decode(value: Any) -> Any:
-    """The values :func:`encode` stored, with their types back."""
-    codec: Any = kombu_json
-    return codec.loads(json.dumps(value))
 
 
 def send(bound: Bound, run: RunRecord, request: ResumeRequest | None, kind: str = "resume") -> None:
@@ -82,10 +65,15 @@ def send(bound: Bound, run: RunRecord, request: ResumeRequest | None, kind: str 
     sig.apply_async(add_to_parent=False)
 
 
-def store_resuming(bound: Bound, run: RunRecord, request: ResumeRequest) -> None:
-    """Store RESUMING over the FAILURE a failed attempt left: get() must wait again."""
+def store_resuming(bound: Bound, run: RunRecord, request: ResumeRequest) -> bool:
+    """Store RESUMING over the FAILURE a failed attempt left: get() must wait again.
+
+    Called before the message is sent, so the resumed run's own state always
+    lands after it; a failure is logged and never stops the send (the run
+    matters more than its state in the result backend). True if stored.
+    """
     meta = {"run_id": run.run_id, "step": run.step, "request_id": request.request_id}
-    bound.app.backend.store_result(run.run_id, meta, RESUMING)
+    return try_store_state(bound.app, run, meta, RESUMING)
 
 
 class Client:
@@ -142,7 +130,7 @@ class Client:
             )
             return AsyncResult(run_id, app=app)
         if run.resume is not None and run.resume.status == "failed":
-            store_resuming(self.bound, run, accepted)
+            store_resuming(self.bound, run, accepted)  # first: SUCCESS must land after it
         send(self.bound, run, accepted)
         log_event(
             "resume_requested",
@@ -214,25 +202,18 @@ class Client:
         return ended
 
     def _store_revoked(self, run: RunRecord, *, chord: bool) -> None:
-        """REVOKED with ``RunCancelled`` in the result backend; a chord hears of it."""
+        """REVOKED with ``RunCancelled`` in the result backend; a chord hears of it.
+
+        May raise (the run is cancelled in the store already): cancelling
+        again stores it again.
+        """
         why = f": {run.ended_reason}" if run.ended_reason else ""
         exc = RunCancelled(f"run {run.run_id!r} cancelled{why}")
-        options = run.request.signature.get("options") or {}
-        request = Context(
-            id=run.run_id,
-            task=run.task_name,
-            args=decode(run.args),
-            kwargs=decode(run.kwargs),
-            root_id=run.request.root_id,
-            parent_id=run.request.parent_id,
-            group=run.request.group_id,
-            group_index=options.get("group_index"),
-            chord=options.get("chord"),
-        )
-        backend = self.bound.app.backend
-        backend.store_result(run.run_id, exc, states.REVOKED, traceback=None, request=request)
+        request = store_state(self.bound.app, run, exc, states.REVOKED)
         if chord and request.chord:
             try:
-                backend.on_chord_part_return(request, states.REVOKED, exc)
+                backend_of(self.bound.app, run.task_name).on_chord_part_return(
+                    request, states.REVOKED, exc
+                )
             except Exception as error:
                 logger.error("run %s: could not tell its chord: %s", run.run_id, error)

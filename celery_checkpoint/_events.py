@@ -1,9 +1,14 @@
-"""One structured log line and one signal per run transition.
+"""One structured log line and one signal per run transition, and the task events.
 
 The lines go through Celery's task logger (``celery_checkpoint.runs``, a child
 of ``celery.task``), so a worker prints them with its task format and an
 operator can grep or ship them: ``checkpoint.<event> key=value ...``. Values
 holding spaces, quotes or ``=`` are JSON-quoted; ``None`` values are left out.
+
+When the worker sends task events (``-E``), a pause also sends ``task-paused``
+and a resumed body ``task-resumed``: Celery's event state (Flower, ``celery
+events``) turns an event type it does not know into the state of that name,
+so a paused run shows ``PAUSED`` instead of the ``STARTED`` of its execution.
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from celery.utils.log import get_task_logger
 
 from .model import RunRecord
 
-__all__ = ["announce", "kv", "log_event", "transitions"]
+__all__ = ["announce", "kv", "log_event", "send_task_event", "transitions"]
 
 #: The logger every transition line goes to.
 transitions = get_task_logger("celery_checkpoint.runs")
+
+logger = logging.getLogger("celery_checkpoint")
 
 
 def _value(value: Any) -> str:
@@ -66,3 +73,18 @@ def announce(
     fields.update(log or {})
     log_event(event, level, **fields)
     signal.send(sender=sender, run=run, step=run.step, **arguments)
+
+
+def send_task_event(task: Any, type_: str, **fields: Any) -> None:
+    """Send the monitoring event ``type_`` for ``task``'s request; a failure is only logged.
+
+    Never retried: a monitor missing one event is better than a pause or a
+    resume held up by a broker hiccup. A task with ``send_events = False``
+    sends none, as Celery's own events.
+    """
+    if not getattr(task, "send_events", True):
+        return
+    try:
+        task.send_event(type_, retry=False, **fields)
+    except Exception as exc:
+        logger.warning("could not send the %s event of task %s: %r", type_, task.request.id, exc)

@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from celery import current_task, states
@@ -33,11 +34,12 @@ from celery.exceptions import Ignore
 from . import signals
 from ._bound import Bound, BoundTask
 from ._client import HEADER
-from ._events import announce
+from ._events import announce, send_task_event
 from ._heartbeat import Beat, heartbeats
 from ._pausing import IGNORE, Pausing
+from ._results import readable
 from .exceptions import LeaseLost, PauseExpired, StoreUnavailable
-from .model import Owner, ResumeRequest, RunRecord, validate_run_id
+from .model import Owner, ResumeRequest, RunRecord, utcnow, validate_run_id
 from .pause import PAUSED, RESUMING, Pause, Run, revalidate
 
 __all__ = ["Executor"]
@@ -46,6 +48,8 @@ logger = logging.getLogger("celery_checkpoint")
 
 #: Longest a resumed body waits for the pausing worker's PAUSED state (seconds).
 _PAUSED_STATE_WAIT = 5.0
+#: A pause older than this has stored its PAUSED state long ago, or never will.
+_PAUSED_STATE_RECENT = timedelta(minutes=1)
 #: Waits between attempts to complete a run while the store is unreachable (seconds).
 _COMPLETE_RETRIES = (0.05, 0.2, 0.5, 1.0, 2.0)
 
@@ -183,6 +187,18 @@ class Executor:
             timed_out=claim.timed_out,
             request_id=current.request_id,
         )
+        if self.bound.task_events:
+            # Moves a monitor's state on from PAUSED, which Celery's own
+            # task-started cannot: it ranks below a state Celery does not know.
+            send_task_event(
+                task,
+                "task-resumed",
+                run_id=run_id,
+                step=claim.run.step,
+                pause_seq=claim.run.pause_seq,
+                request_id=current.request_id,
+                timed_out=claim.timed_out,
+            )
         config = self.bound.config
         beat = heartbeats.start(
             self.bound.store,
@@ -264,8 +280,13 @@ class Executor:
         It saves the checkpoint first and stores the Celery state just after; a
         resume fast enough to finish in between would have its SUCCESS
         overwritten by that late PAUSED. Normally the state is there already
-        and this is one result-backend read.
+        and this is one result-backend read. Nothing waits when the state
+        cannot be read back (no result backend, ``rpc://``) or when the pause
+        is older than any such late write (PAUSED may have expired from the
+        backend since: the store, not the backend, says the run is paused).
         """
+        if not readable(task.backend) or utcnow() - run.paused_at > _PAUSED_STATE_RECENT:
+            return
         deadline = time.monotonic() + _PAUSED_STATE_WAIT
         while True:
             try:

@@ -3,9 +3,10 @@
 :func:`record_for` builds the record from the task's request (what a resume
 re-sends: same id, arguments and canvas); :class:`Pausing` saves it (the
 deadline with it, in the store's deadline index), stores the Celery state
-``PAUSED``, announces the pause and arms this process's timer for the deadline,
-in that order: the timer only after PAUSED is stored, so a short timeout's
-FAILURE can never land first and be overwritten by it.
+``PAUSED`` (and the ``task-paused`` event for monitors), announces the pause
+and arms this process's timer for the deadline, in that order: the timer only
+after PAUSED is stored, so a short timeout's FAILURE can never land first and
+be overwritten by it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from celery.exceptions import Ignore
 from . import signals
 from ._bound import Bound, BoundTask
 from ._client import HEADER, encode
-from ._events import announce
+from ._events import announce, send_task_event
 from ._timeouts import Timeouts
 from .exceptions import CheckpointExists, LeaseLost
 from .model import CeleryRequest, RunRecord, utcnow, validate_run_id
@@ -117,6 +118,16 @@ class Pausing:
             logger.error("run %s: re-pause after the lease was lost, dropped: %s", run_id, lost)
             raise Ignore() from lost
         self._store_paused(task, record)
+        if self.bound.task_events:
+            send_task_event(
+                task,
+                "task-paused",
+                run_id=run_id,
+                step=record.step,
+                pause_seq=record.pause_seq,
+                reason=record.reason,
+                expires_at=None if record.expires_at is None else record.expires_at.isoformat(),
+            )
         announce(
             "paused",
             signals.checkpoint_paused,

@@ -16,6 +16,11 @@ the worker's deadline timer for the store's earliest pause deadline, which
 then fires on time (:mod:`celery_checkpoint._timeouts`).
 
 ``celery worker --checkpoint-store URL`` overrides ``app.conf.checkpoint_store``.
+
+The step also makes Celery's revoke of a run's task id cancel the run
+(:mod:`celery_checkpoint._revoke`; control commands reach the worker's main
+process only, where this step runs), and tells paused and resumed runs
+whether the worker sends task events (``-E``), before the pool forks.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any, ClassVar
 from celery import Celery, bootsteps
 from celery.exceptions import WorkerShutdown
 
+from . import _revoke
 from .checkpoints import Checkpoints
 from .exceptions import CheckpointError
 from .recovery import RecoveryReport
@@ -61,6 +67,9 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
             # the command line wins over checkpoint_store and over Checkpoints(store=...).
             parent.app.conf.checkpoint_store = checkpoint_store
             Checkpoints.for_app(parent.app).use_store(checkpoint_store)
+        # -E or worker_send_task_events, as this worker resolved them; set here,
+        # before the pool's children fork, so they inherit it.
+        Checkpoints.for_app(parent.app).task_events = bool(getattr(parent, "task_events", False))
 
     def start(self, parent: Any) -> None:
         app = parent.app
@@ -76,6 +85,7 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
             logger.critical("cannot start the worker: %s", message)
             raise WorkerShutdown(message) from exc
         logger.info("checkpoint recovery on %r at boot: %s", store, report)
+        _revoke.install()
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._loop,

@@ -88,6 +88,7 @@ class Checkpoints:
         self._store_arg = store
         self._store: CheckpointStore | None = store if isinstance(store, CheckpointStore) else None
         self._config: CheckpointConfig | None = None
+        self._task_events: bool | None = None
         self._lock = threading.Lock()
         self._timeouts = Timeouts(self)
         self._client = Client(self, self._timeouts.fire)
@@ -101,6 +102,11 @@ class Checkpoints:
         """The app's ``Checkpoints``, created from ``app.conf`` if there is none yet."""
         found = _REGISTRY.get(app)
         return found if found is not None else cls(app)
+
+    @classmethod
+    def find(cls, app: Celery) -> Checkpoints | None:
+        """The app's ``Checkpoints``, or None if nobody bound one to it."""
+        return _REGISTRY.get(app)
 
     # -- configuration and store ---------------------------------------------
 
@@ -139,6 +145,22 @@ class Checkpoints:
                         config.store, lease_seconds=config.lease_seconds
                     )
         return self._store
+
+    @property
+    def task_events(self) -> bool:
+        """Whether this worker sends task events (``-E``, ``worker_send_task_events``).
+
+        The worker's bootstep records what the worker was started with before
+        its pool forks; elsewhere it is ``worker_send_task_events``. Paused
+        and resumed runs then send ``task-paused`` and ``task-resumed``.
+        """
+        if self._task_events is not None:
+            return self._task_events
+        return bool(self.app.conf.worker_send_task_events)
+
+    @task_events.setter
+    def task_events(self, enabled: bool) -> None:
+        self._task_events = bool(enabled)
 
     # -- the task side ----------------------------------------------------------
 

@@ -32,6 +32,7 @@ from . import signals
 from ._bound import Bound
 from ._client import send
 from ._events import announce, log_event
+from ._results import try_store_state
 from ._timeouts import Timeouts
 from .exceptions import CheckpointError
 from .model import RunRecord
@@ -83,8 +84,10 @@ def _give_up_or_announce(bound: Bound, run: RunRecord) -> bool:
             "its body keeps killing workers or never finishes"
         )
         if bound.store.end(run.run_id, "failed", reason=reason) is not None:
-            bound.app.backend.store_result(
-                run.run_id, CheckpointError(f"run {run.run_id!r} {reason}"), states.FAILURE
+            # With the run's request (rpc:// routes by it); a failure to store
+            # it must not stop the pass.
+            try_store_state(
+                bound.app, run, CheckpointError(f"run {run.run_id!r} {reason}"), states.FAILURE
             )
             log_event(
                 "failed",

@@ -125,11 +125,27 @@ class Workers:
         self.started: list[Worker] = []
 
     def start(
-        self, name: str = "w", *, concurrency: int = 2, ready: bool = True, **overrides: Any
+        self,
+        name: str = "w",
+        *,
+        concurrency: int = 2,
+        ready: bool = True,
+        pool: str = "prefork",
+        options: tuple[str, ...] = (),
+        **overrides: Any,
     ) -> Worker:
-        """A new worker; ``overrides`` replace worker-side settings (lease, recovery...)."""
+        """A new worker; ``overrides`` replace worker-side settings (lease, recovery...),
+        ``options`` are added to its command line."""
         settings = replace(self.settings, **overrides)
-        worker = Worker(self.app, settings, self.log_dir, name=name, concurrency=concurrency)
+        worker = Worker(
+            self.app,
+            settings,
+            self.log_dir,
+            name=name,
+            concurrency=concurrency,
+            pool=pool,
+            options=options,
+        )
         self.started.append(worker)
         return worker.wait_ready() if ready else worker
 

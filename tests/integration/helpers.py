@@ -40,6 +40,8 @@ class Worker:
         *,
         name: str = "w",
         concurrency: int = 2,
+        pool: str = "prefork",
+        options: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.settings = settings
@@ -51,9 +53,10 @@ class Worker:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         command = [
             *(sys.executable, "-m", "celery", "-A", "tests.integration.proj", "worker"),
-            *("--pool=prefork", "-c", str(concurrency), "-n", self.node, "-Q", settings.queue),
+            *(f"--pool={pool}", "-c", str(concurrency), "-n", self.node, "-Q", settings.queue),
             *("--without-mingle", "--without-gossip", "--without-heartbeat"),
             *("--loglevel=INFO", "--checkpoint-store", settings.store),
+            *options,
         ]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(

@@ -58,6 +58,8 @@ class Settings:
     restore_every_second: bool = False
     #: how long the chaos body sleeps between its start and end markers
     body_seconds: float = 2.0
+    #: recoveries of one run before recovery marks it failed
+    max_recoveries: float = 5
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -140,7 +142,7 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
             broker_options.update(unacked_restore_interval=1, unacked_restore_throttle=1)
     app.conf.update(
         broker_url=settings.broker,
-        result_backend=settings.backend,
+        result_backend=settings.backend or None,  # "": no result backend at all
         broker_transport_options=broker_options,
         result_backend_transport_options={"global_keyprefix": f"{settings.prefix}:results:"},
         result_expires=3600,
@@ -150,6 +152,7 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
         broker_connection_retry_on_startup=True,
         checkpoint_lease_seconds=settings.lease_seconds,
         checkpoint_recovery_interval=settings.recovery_interval,
+        checkpoint_max_recoveries=int(settings.max_recoveries),
     )
     if with_store:
         app.conf.checkpoint_store = settings.store
@@ -237,6 +240,19 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
         while not gate.exists():
             time.sleep(0.02)
         return run.resume_input
+
+    @checkpoints.task(bind=True, shared=False, name="proj.gated_pause")
+    def gated_pause(self: Any, x: int) -> Any:
+        """The first execution marks its start and waits for its gate before it pauses."""
+        run = checkpoints.current()
+        if not run.resumed:
+            mark(markers, "first", run.run_id)
+            gate = gate_path(markers, f"pause-{run.run_id}")
+            while not gate.exists():
+                time.sleep(0.02)
+            raise Pause("await_input", state={"x": x})
+        mark(markers, "body", run.run_id)
+        return x + int(run.resume_input)
 
     @checkpoints.task(bind=True, shared=False, name="proj.slow")
     def slow(self: Any, x: int) -> int:

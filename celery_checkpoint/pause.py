@@ -23,7 +23,7 @@ from pydantic import JsonValue, TypeAdapter, ValidationError
 from .exceptions import ImproperlyConfigured, ResumeRejected
 from .model import MAX_DURATION, RunRecord
 
-__all__ = ["PAUSED", "RESUMING", "Pause", "Run", "type_path", "validate_input"]
+__all__ = ["PAUSED", "RESUMING", "Pause", "Run", "expects_schema", "type_path", "validate_input"]
 
 #: The Celery state of a paused run.
 PAUSED = "PAUSED"
@@ -156,3 +156,18 @@ def validate_input(run: RunRecord, value: Any) -> tuple[Any, JsonValue]:
             run.run_id, f"input does not match {run.expects}: {exc.error_count()} error(s)", errors
         ) from exc
     return parsed, cast(JsonValue, adapter.dump_python(parsed, mode="json"))
+
+
+def expects_schema(run: RunRecord) -> dict[str, Any] | None:
+    """The JSON Schema of the pause's ``expects``: the one taken at pause time,
+    else built from the importable type (records written before it was kept);
+    None when the pause expects any JSON or the type cannot be imported here."""
+    if run.expects_schema is not None:
+        return dict(run.expects_schema)
+    if run.expects is None:
+        return None
+    try:
+        schema: dict[str, Any] = _adapter(run.expects).json_schema()
+    except Exception:  # not importable here, or no JSON Schema for it: a JSON field then
+        return None
+    return schema

@@ -10,7 +10,6 @@ test pauses runs of its own.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx

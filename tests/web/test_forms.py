@@ -163,7 +163,7 @@ def test_a_plain_type_is_one_field_and_no_schema_is_a_json_field() -> None:
     assert anything.fields[0].kind == "json"
     assert read_answer(anything, {"answer": ['{"a": [1, 2]}']})[0] == {"a": [1, 2]}
     assert read_answer(anything, {"answer": [""]})[0] is None
-    value, unreadable = read_answer(anything, {"answer": ["{oops"]})
+    _, unreadable = read_answer(anything, {"answer": ["{oops"]})
     assert "not valid JSON" in unreadable["answer"][0]
 
 

@@ -138,17 +138,17 @@ class LinkSigner:
         except Exception:  # not even a payload: cut short or made up
             unverified = None
         if not isinstance(unverified, dict):
-            raise LinkRefused("tampered", "this link is not a valid resume link")
+            raise LinkRefused("tampered", "This link is not a valid resume link.")
         serializer = self._serializers.get(str(unverified.get("k")))
         if serializer is None:
             raise LinkRefused(
                 "rotated",
-                "this link was signed with a key that is no longer accepted; ask for a new link",
+                "This link was signed with a key that is no longer accepted; ask for a new link.",
             )
         try:
             payload = serializer.loads(token)
         except self._bad_signature:
-            raise LinkRefused("tampered", "this link has been altered") from None
+            raise LinkRefused("tampered", "This link has been altered.") from None
         try:
             claims = LinkClaims(
                 run_id=validate_run_id(payload["r"]),
@@ -161,9 +161,9 @@ class LinkSigner:
                 input=payload.get("i"),
             )
         except (KeyError, TypeError, ValueError):
-            raise LinkRefused("tampered", "this link is not a valid resume link") from None
+            raise LinkRefused("tampered", "This link is not a valid resume link.") from None
         if (time.time() if now is None else now) >= claims.expires_at:
-            raise LinkRefused("expired", "this link has expired; ask for a new link")
+            raise LinkRefused("expired", "This link has expired; ask for a new link.")
         return claims
 
 

@@ -66,8 +66,9 @@ def worker(
 
 
 def user_header(request: Any) -> str | None:
-    """The tests' ``authenticate`` hook: the user a front proxy would name."""
-    user = request.headers.get("x-user")
+    """The tests' ``authenticate`` hook: the user a front proxy names in ``x-user``,
+    or (for the browser) a ``test_user`` cookie standing in for a session."""
+    user = request.headers.get("x-user") or request.cookies.get("test_user")
     return str(user) if user else None
 
 

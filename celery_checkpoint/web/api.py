@@ -80,6 +80,15 @@ def _bad(message: str, details: list[dict[str, Any]] | None = None) -> ApiError:
     return ApiError(Problem(400, "bad_request", message, details or []))
 
 
+def _only_query(request: Request, *allowed: str) -> None:
+    """A parameter the operation does not take is a mistake (``olderthan=``), not noise."""
+    unknown = sorted(set(request.query_params) - set(allowed))
+    if unknown:
+        raise _bad(
+            f"unknown query parameter {unknown[0]!r}; this operation takes {allowed or 'none'}"
+        )
+
+
 def _query_number(request: Request, name: str, *, integer: bool) -> float | None:
     text = request.query_params.get(name)
     if text is None:
@@ -117,6 +126,7 @@ async def _body(request: Request, model: type[BaseModel]) -> Any:
 
 async def list_runs(request: Request) -> Response:
     web = web_of(request)
+    _only_query(request, "task", "step", "older_than", "order", "limit", "cursor")
     params = request.query_params
     order = cast(Order, params.get("order", "oldest"))
     if order not in ORDERS:
@@ -149,6 +159,7 @@ async def list_runs(request: Request) -> Response:
 
 async def get_run(request: Request) -> Response:
     web = web_of(request)
+    _only_query(request)
     info = await run_in_threadpool(find, web.checkpoints, request.path_params["run_id"])
     schema = await run_in_threadpool(expects_schema, info.run)
     return _ok(run_detail(info, schema))
@@ -156,6 +167,7 @@ async def get_run(request: Request) -> Response:
 
 async def resume(request: Request) -> Response:
     web = web_of(request)
+    _only_query(request)
     body = cast(ResumeBody, await _body(request, ResumeBody))
     request_id = body.request_id or uuid.uuid4().hex
     answered = await run_in_threadpool(
@@ -185,6 +197,7 @@ async def resume(request: Request) -> Response:
 
 async def cancel(request: Request) -> Response:
     web = web_of(request)
+    _only_query(request)
     body = cast(CancelBody, await _body(request, CancelBody))
     run_id = request.path_params["run_id"]
     actor = actor_of(request)

@@ -203,7 +203,7 @@ def run_detail(info: RunInfo, schema: dict[str, Any] | None) -> RunDetail:
 # -- the document --------------------------------------------------------------------
 
 _ERRORS = {
-    "400": "Malformed request: JSON that does not parse, a bad query parameter or cursor",
+    "400": "Malformed request: JSON that does not parse, an unknown or bad query parameter",
     "401": "No valid bearer token, and the authenticate hook named nobody",
     "404": "No such run (or no such path)",
     "405": "Method not allowed on this path",
@@ -319,7 +319,7 @@ def document(title: str, version: str) -> dict[str, Any]:
                     "parameters": [_RUN_ID],
                     "responses": {
                         "200": _ok("The run", "RunDetail"),
-                        **_error_responses("401", "404", "503"),
+                        **_error_responses("400", "401", "404", "503"),
                     },
                 }
             },

@@ -51,7 +51,14 @@ def chromium(width: int = 1280, height: int = 900) -> Iterator[Any]:
         f"--window-size={width},{height}",
     ):
         options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    from selenium.common.exceptions import SessionNotCreatedException
+
+    try:
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    except SessionNotCreatedException:
+        # On a loaded machine chromium may miss chromedriver's start-up deadline once.
+        driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
     try:
         yield driver
     finally:

@@ -13,7 +13,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.templating import Jinja2Templates
 
-from .._format import span
 from .._links import LinkSigner
 from ..model import RunRecord, utcnow
 from .auth import Csrf, Identity, actor_of, app_root
@@ -61,15 +60,31 @@ def href(request: Request, path: str) -> str:
     return f"{app_root(request.scope)}{path}"
 
 
+def _span(seconds: float) -> str:
+    """``1d 2h``, ``20h``, ``5m 10s``: the largest unit and the next one when it counts."""
+    left = int(abs(seconds))
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for index, (unit, size) in enumerate(units):
+        if left >= size or unit == "s":
+            text = f"{left // size}{unit}"
+            if index + 1 < len(units):
+                smaller, small = units[index + 1]
+                rest = (left % size) // small
+                if rest:
+                    text += f" {rest}{smaller}"
+            return text
+    return "0s"  # pragma: no cover - the loop always returns
+
+
 def _age(when: datetime | None) -> str:
-    return "-" if when is None else f"{span((utcnow() - when).total_seconds())} ago"
+    return "-" if when is None else f"{_span((utcnow() - when).total_seconds())} ago"
 
 
 def _deadline(when: datetime | None) -> str:
     if when is None:
         return "none"
     left = (when - utcnow()).total_seconds()
-    return f"in {span(left)}" if left > 0 else f"overdue by {span(left)}"
+    return f"in {_span(left)}" if left > 0 else f"overdue by {_span(left)}"
 
 
 def _when(when: datetime | float | None) -> str:

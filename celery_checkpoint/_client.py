@@ -9,6 +9,7 @@ worker.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from celery import signature as make_signature
 from celery import states
 from celery.app.task import Context
 from celery.result import AsyncResult
+from kombu.utils import json as kombu_json
 
 from . import signals
 from ._bound import Bound
@@ -33,7 +35,7 @@ from .exceptions import (
 from .model import ResumeRequest, RunRecord, Via, utcnow, validate_run_id
 from .pause import RESUMING, validate_input
 
-__all__ = ["HEADER", "Client", "send", "store_resuming"]
+__all__ = ["HEADER", "Client", "decode", "encode", "send", "store_resuming"]
 
 logger = logging.getLogger("celery_checkpoint")
 
@@ -41,15 +43,32 @@ logger = logging.getLogger("celery_checkpoint")
 HEADER = "celery_checkpoint"
 
 
+def encode(value: Any) -> Any:
+    """``value`` as kombu's JSON serializer carries it: plain JSON, with datetime,
+    Decimal, UUID and bytes kept as ``{"__type__": ..., "__value__": ...}``.
+
+    Task arguments are stored in this form, so a resumed body receives what the
+    first execution received. ``TypeError`` for what that serializer cannot carry.
+    """
+    codec: Any = kombu_json
+    return json.loads(codec.dumps(value))
+
+
+def decode(value: Any) -> Any:
+    """The values :func:`encode` stored, with their types back."""
+    codec: Any = kombu_json
+    return codec.loads(json.dumps(value))
+
+
 def send(bound: Bound, run: RunRecord, request: ResumeRequest | None, kind: str = "resume") -> None:
     """(Re-)send the run's task message with its original id and canvas."""
     app = bound.app
     if run.request.signature:
-        sig = make_signature(dict(run.request.signature), app=app)
+        sig = make_signature(decode(run.request.signature), app=app)
     else:
         # A record written straight to the store (no captured request): the
         # task and its arguments are all there is to send.
-        sig = app.signature(run.task_name, args=run.args, kwargs=run.kwargs)
+        sig = app.signature(run.task_name, args=decode(run.args), kwargs=decode(run.kwargs))
     headers = dict(sig.options.get("headers") or {})
     headers[HEADER] = {
         "kind": kind,
@@ -202,8 +221,8 @@ class Client:
         request = Context(
             id=run.run_id,
             task=run.task_name,
-            args=run.args,
-            kwargs=run.kwargs,
+            args=decode(run.args),
+            kwargs=decode(run.kwargs),
             root_id=run.request.root_id,
             parent_id=run.request.parent_id,
             group=run.request.group_id,

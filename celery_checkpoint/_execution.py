@@ -36,9 +36,9 @@ from ._client import HEADER
 from ._events import announce
 from ._heartbeat import Beat, heartbeats
 from ._pausing import IGNORE, Pausing
-from .exceptions import LeaseLost, PauseExpired
+from .exceptions import LeaseLost, PauseExpired, StoreUnavailable
 from .model import Owner, ResumeRequest, RunRecord, validate_run_id
-from .pause import PAUSED, RESUMING, Pause, Run, validate_input
+from .pause import PAUSED, RESUMING, Pause, Run, revalidate
 
 __all__ = ["Executor"]
 
@@ -46,6 +46,8 @@ logger = logging.getLogger("celery_checkpoint")
 
 #: Longest a resumed body waits for the pausing worker's PAUSED state (seconds).
 _PAUSED_STATE_WAIT = 5.0
+#: Waits between attempts to complete a run while the store is unreachable (seconds).
+_COMPLETE_RETRIES = (0.05, 0.2, 0.5, 1.0, 2.0)
 
 _CURRENT: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
     "checkpoint_run", default=None
@@ -203,7 +205,7 @@ class Executor:
         resume_input = None
         if request is not None and not claim.timed_out:
             try:
-                resume_input, _ = validate_input(run, request.input)
+                resume_input = revalidate(run, request.input)
             except BaseException as exc:
                 self.bound.store.release(run.run_id, claim.token, error=repr(exc))
                 raise
@@ -230,14 +232,21 @@ class Executor:
     ) -> Any:
         """Run the claimed body and end its lease by what it did (see the module docstring)."""
         try:
-            pause, result = _call(fun, args, kwargs)
+            pause, result, handed_on = _call(fun, args, kwargs)
             beat.stop()
+            if handed_on is not None:
+                # The body handed the run on: ``raise Ignore()``, or ``self.replace(sig)``
+                # (which sent the replacement under this task id, carrying the canvas,
+                # and raised Ignore). The run ends here; its result is the replacement's.
+                if not self._ended_by_ignore(claim):
+                    raise Ignore() from handed_on
+                raise handed_on
             if pause is not None:
                 return self._pausing.pause(task, pause, previous=claim.run, token=claim.token)
             self._complete(task, claim, result)
             return result
         except Ignore:
-            raise
+            raise  # ours: the lease was lost, whatever the body did is dropped
         except BaseException as exc:
             # The body, or saving its pause, or completing it failed: give the
             # run back (still PAUSED, nothing lost) before Celery's own failure
@@ -265,8 +274,8 @@ class Executor:
                 return
             state = meta.get("status")
             result = meta.get("result")
-            if state == RESUMING or state in states.READY_STATES:
-                return
+            if state in (RESUMING, states.RETRY) or state in states.READY_STATES:
+                return  # past the pause: a retry of the resumed body stored RETRY over it
             if (
                 state == PAUSED
                 and isinstance(result, dict)
@@ -326,6 +335,40 @@ class Executor:
             f"{run.expires_at.isoformat() if run.expires_at else 'its deadline'}"
         )
 
+    def _ended_by_ignore(self, claim: _Claim) -> bool:
+        """Complete a run whose body raised ``Ignore``; False if the lease was lost."""
+        try:
+            self._finish(claim)
+        except LeaseLost as lost:
+            logger.error("run %s: ignored after its lease was lost: %s", claim.run.run_id, lost)
+            return False
+        logger.info(
+            "run %s: the resumed body raised Ignore (or replaced itself): the run is complete "
+            "and its task id belongs to whatever the body sent on",
+            claim.run.run_id,
+        )
+        return True
+
+    def _finish(self, claim: _Claim) -> None:
+        """``store.complete`` for the claim, re-sent while the store is unreachable.
+
+        A lost reply leaves the completion applied or not; ``complete`` with the
+        same token recognises its own earlier completion, so sending it again
+        is safe and tells which.
+        """
+        run_id = claim.run.run_id
+        for delay in (*_COMPLETE_RETRIES, None):
+            try:
+                self.bound.store.complete(run_id, token=claim.token)
+                return
+            except StoreUnavailable as exc:
+                if delay is None:
+                    raise
+                logger.warning(
+                    "run %s: completing failed (%s); trying again in %ss", run_id, exc, delay
+                )
+                time.sleep(delay)
+
     def _release(self, run_id: str, token: int, exc: BaseException) -> bool:
         """Give the run back after the body raised; False if the lease was lost."""
         try:
@@ -345,7 +388,7 @@ class Executor:
     def _complete(self, task: BoundTask, claim: _Claim, result: Any) -> None:
         run = claim.run
         try:
-            self.bound.store.complete(run.run_id, token=claim.token)
+            self._finish(claim)
         except LeaseLost as lost:
             # Cancelled, or another worker owns the run now: storing this result
             # would overwrite REVOKED or race the new owner.
@@ -365,12 +408,15 @@ class Executor:
 
 def _call(
     fun: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[Pause | None, Any]:
-    """Run the body: (the Pause it raised, None) or (None, what it returned)."""
+) -> tuple[Pause | None, Any, Ignore | None]:
+    """Run the body: (the Pause it raised, None, None), (None, what it returned,
+    None), or (None, None, the Ignore it raised). Anything else propagates."""
     try:
-        return None, fun(*args, **kwargs)
+        return None, fun(*args, **kwargs), None
     except Pause as pause:
-        return pause, None
+        return pause, None, None
+    except Ignore as ignored:
+        return None, None, ignored
 
 
 _OWNERS: dict[tuple[int, str | None], Owner] = {}

@@ -10,14 +10,12 @@ never land first and be overwritten by it.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from celery.exceptions import Ignore
-from kombu.utils import json as kombu_json
 
 from . import signals
 from ._bound import Bound, BoundTask
-from ._client import HEADER
+from ._client import HEADER, encode
 from ._events import announce
 from ._timeouts import Timeouts
 from .exceptions import CheckpointExists, LeaseLost
@@ -46,23 +44,33 @@ def record_for(task: BoundTask, pause: Pause, previous: RunRecord | None) -> Run
     headers.pop(HEADER, None)
     options["headers"] = headers
     signature["options"] = options
+    run_id = validate_run_id(request.id)
+    try:
+        stored = encode(signature)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(
+            f"run {run_id}: the task's arguments cannot be checkpointed ({exc}): a paused "
+            "task's arguments must be what kombu's JSON serializer carries (JSON, datetime, "
+            "date, time, Decimal, UUID, bytes)"
+        ) from exc
     return RunRecord(
-        run_id=validate_run_id(request.id),
+        run_id=run_id,
         task_name=task.name,
         step=pause.step,
         pause_seq=(previous.pause_seq + 1) if previous is not None else 1,
         state=pause.state,
-        args=list(request.args or ()),
-        kwargs=dict(request.kwargs or {}),
+        args=list(stored.get("args") or ()),
+        kwargs=dict(stored.get("kwargs") or {}),
         request=CeleryRequest(
             task_id=request.id,
             root_id=request.root_id,
             parent_id=request.parent_id,
             group_id=request.group,
-            signature=_json_safe(signature),
+            signature=stored,
         ),
         reason=pause.reason,
         expects=pause.expects_path,
+        expects_schema=pause.expects_schema,
         created_at=previous.created_at if previous is not None else now,
         paused_at=now,
         expires_at=None if pause.timeout is None else now + pause.timeout,
@@ -71,12 +79,6 @@ def record_for(task: BoundTask, pause: Pause, previous: RunRecord | None) -> Run
         recoveries=previous.recoveries if previous is not None else 0,
         metadata=pause.metadata,
     )
-
-
-def _json_safe(value: Any) -> Any:
-    """Copy of a signature dict holding only JSON types (what a message carries anyway)."""
-    codec: Any = kombu_json
-    return codec.loads(codec.dumps(value))
 
 
 class Pausing:

@@ -4,26 +4,40 @@
 checkpoints the run; ``checkpoints.current()`` returns the body's :class:`Run`
 (resumed or not, the state saved at the pause, the validated resume input).
 
-``expects`` is any type pydantic's ``TypeAdapter`` takes. The input of a resume
-is validated against it before anything changes; :func:`validate_input` is the
-one place that does it, on the client and again on the worker.
+``expects`` is any type pydantic's ``TypeAdapter`` takes (a model, a
+dataclass, a TypedDict, ``list[int]``, ``Literal["yes", "no"]``...). It is
+written down at the pause (:mod:`._expects`) with its JSON Schema, and the
+input of a resume is validated against it before anything changes
+(:func:`validate_input`). The input is stored as the JSON pydantic makes of
+the validated value (by alias), and the worker validates that JSON again
+(:func:`revalidate`): what ``resume`` accepted, the worker accepts, as the
+same value.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib
+import json
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import JsonValue, TypeAdapter, ValidationError
 
-from .exceptions import ImproperlyConfigured, ResumeRejected
+from ._expects import adapter_for, schema_of, spec_of
+from .exceptions import ResumeRejected
 from .model import MAX_DURATION, RunRecord
 
-__all__ = ["PAUSED", "RESUMING", "Pause", "Run", "expects_schema", "type_path", "validate_input"]
+__all__ = [
+    "PAUSED",
+    "RESUMING",
+    "Pause",
+    "Run",
+    "expects_schema",
+    "revalidate",
+    "type_path",
+    "validate_input",
+]
 
 #: The Celery state of a paused run.
 PAUSED = "PAUSED"
@@ -71,10 +85,12 @@ class Pause(Exception):
         for name, value in (("state", state), ("metadata", metadata)):
             try:
                 JSON.validate_python(value)
-            except ValidationError as exc:
+            except ValidationError:
+                where, what = _first_non_json(value, name)
                 raise TypeError(
-                    f"Pause {name} must be JSON (dicts, lists, str, int, float, bool, None): "
-                    f"{exc.errors(include_url=False)[0]['msg']}"
+                    f"Pause {name} must be JSON: {where} is {what} (state and metadata hold "
+                    "dicts with string keys, lists, str, int, float, bool and None: store a "
+                    "datetime as an ISO string, a set as a list)"
                 ) from None
         super().__init__(step)
         self.step = step
@@ -82,12 +98,46 @@ class Pause(Exception):
         self.timeout = timeout
         self.on_timeout = on_timeout
         self.expects = expects
-        self.expects_path = None if expects is None else type_path(expects)
+        #: ``expects`` written down (see :mod:`celery_checkpoint._expects`)
+        self.expects_path = None if expects is None else spec_of(expects)
+        #: its JSON Schema, kept in the record for forms drawn without the task's code
+        self.expects_schema = None if self.expects_path is None else schema_of(self.expects_path)
         self.reason = reason
         self.metadata = dict(metadata or {})
 
+    def __str__(self) -> str:
+        return (
+            f"pause at step {self.step!r}: only a task decorated with @checkpoints.task "
+            "can pause; a plain @app.task fails with it"
+        )
+
     def __repr__(self) -> str:
-        return f"Pause({self.step!r})"
+        return f"Pause({self.step!r}): only a @checkpoints.task body can pause"
+
+
+def _first_non_json(value: Any, path: str) -> tuple[str, str]:
+    """Where in ``value`` the first thing JSON cannot hold is, and what it is."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} key {key!r}", _a(type(key).__name__) + " key"
+            found = _first_non_json(item, f"{path}[{key!r}]")
+            if found[1]:
+                return found
+        return path, ""
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_non_json(item, f"{path}[{i}]")
+            if found[1]:
+                return found
+        return path, ""
+    if value is None or isinstance(value, str | int | float | bool):
+        return path, ""
+    return path, _a(type(value).__name__)
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 @dataclass(frozen=True)
@@ -106,15 +156,8 @@ class Run:
 
 
 def type_path(expects: Any) -> str:
-    """``module:QualName`` of a type so a resume in another process can validate against it."""
-    module = getattr(expects, "__module__", None)
-    qualname = getattr(expects, "__qualname__", None)
-    if not module or not qualname or "<locals>" in qualname:
-        raise ImproperlyConfigured(
-            f"Pause(expects={expects!r}): expects must be a pydantic model or type defined at "
-            "module level, so the process that resumes the run can import it"
-        )
-    return f"{module}:{qualname}"
+    """``expects`` written down for another process; kept for callers of the former name."""
+    return spec_of(expects)
 
 
 #: Built once: building a TypeAdapter takes about a millisecond, and every resume
@@ -122,52 +165,60 @@ def type_path(expects: Any) -> str:
 JSON: TypeAdapter[JsonValue] = TypeAdapter(JsonValue)
 
 
-@functools.lru_cache(maxsize=256)
-def _adapter(path: str) -> TypeAdapter[Any]:
-    module_name, _, qualname = path.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ImproperlyConfigured(
-            f"cannot import the resume input type {path!r}: {exc}. Import the module that "
-            "defines it where resume() is called"
-        ) from exc
-    return TypeAdapter(obj)
-
-
 def validate_input(run: RunRecord, value: Any) -> tuple[Any, JsonValue]:
-    """Validate ``value`` against the pause's ``expects``: (python value, its JSON form).
+    """Validate ``value`` against the pause's ``expects``: (python value, the JSON to store).
 
-    Raises ``ResumeRejected`` carrying pydantic's errors; nothing is changed.
+    A value that fails as Python but is pure JSON is validated as JSON too, as
+    the worker will (a strict model takes ``[1, 2]`` for a tuple from JSON).
+    The stored form is pydantic's JSON of the value, by alias, so
+    :func:`revalidate` on the worker gives back the same value. Raises
+    ``ResumeRejected`` carrying pydantic's errors; nothing is changed.
     """
     if run.expects is None:
         try:
             return value, JSON.validate_python(value)
         except ValidationError as exc:
-            raise ResumeRejected(run.run_id, "the input is not JSON", exc.errors()) from exc
-    adapter = _adapter(run.expects)
+            raise ResumeRejected(
+                run.run_id, "the input is not JSON", exc.errors(include_url=False)
+            ) from exc
+    adapter = adapter_for(run.expects)
     try:
         parsed = adapter.validate_python(value)
     except ValidationError as exc:
-        errors = exc.errors(include_url=False)
+        try:
+            parsed = adapter.validate_json(json.dumps(value))
+        except (TypeError, ValueError):
+            errors = exc.errors(include_url=False)
+            raise ResumeRejected(
+                run.run_id,
+                f"input does not match {run.expects}: {exc.error_count()} error(s)",
+                errors,
+            ) from exc
+    stored: JsonValue = json.loads(adapter.dump_json(parsed, by_alias=True))
+    return parsed, stored
+
+
+def revalidate(run: RunRecord, stored: JsonValue) -> Any:
+    """The value of an input :func:`validate_input` stored (on the worker)."""
+    if run.expects is None:
+        return stored
+    try:
+        return adapter_for(run.expects).validate_json(json.dumps(stored))
+    except ValidationError as exc:
         raise ResumeRejected(
-            run.run_id, f"input does not match {run.expects}: {exc.error_count()} error(s)", errors
+            run.run_id,
+            f"the stored input no longer matches {run.expects}: {exc.error_count()} error(s) "
+            "(did the type change since the pause?)",
+            exc.errors(include_url=False),
         ) from exc
-    return parsed, cast(JsonValue, adapter.dump_python(parsed, mode="json"))
 
 
 def expects_schema(run: RunRecord) -> dict[str, Any] | None:
     """The JSON Schema of the pause's ``expects``: the one taken at pause time,
-    else built from the importable type (records written before it was kept);
-    None when the pause expects any JSON or the type cannot be imported here."""
+    else built from the type (records written before it was kept); None when
+    the pause expects any JSON or the type cannot be imported here."""
     if run.expects_schema is not None:
         return dict(run.expects_schema)
     if run.expects is None:
         return None
-    try:
-        schema: dict[str, Any] = _adapter(run.expects).json_schema()
-    except Exception:  # not importable here, or no JSON Schema for it: a JSON field then
-        return None
-    return schema
+    return schema_of(run.expects)

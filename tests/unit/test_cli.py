@@ -230,9 +230,9 @@ def test_store_option_points_at_another_store(ops: Ops, tmp_path: Path) -> None:
 
 def test_resume_records_who_answered_and_show_prints_it(ops: Ops) -> None:
     run_id = paused(ops, 31)
-    # A body that fails keeps the request on the record, so show can print it after the run.
+    store = ("--store", str(ops.store_dir))  # the app's own, whatever an earlier test registered
     result = invoke(
-        ops, "resume", run_id, "--input", '{"approved": true}', "--actor", "ana@example.com"
+        ops, *store, "resume", run_id, "--input", '{"approved": true}', "--actor", "ana@example.com"
     )
     assert result.exit_code == 0, result.output
     # The request is on the record from the moment it is accepted; read it before
@@ -240,5 +240,5 @@ def test_resume_records_who_answered_and_show_prints_it(ops: Ops) -> None:
     record = ops.checkpoints.store.load(run_id) or ops.checkpoints.store.ended(run_id)
     assert record is not None and record.resume is not None
     assert (record.resume.actor, record.resume.via) == ("ana@example.com", "cli")
-    shown = invoke(ops, "show", run_id)
+    shown = invoke(ops, *store, "show", run_id)
     assert "answered by  ana@example.com via cli at " in shown.stdout

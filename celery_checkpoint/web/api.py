@@ -106,11 +106,13 @@ def _query_number(request: Request, name: str, *, integer: bool) -> float | None
 async def _body(request: Request, model: type[BaseModel]) -> Any:
     """The JSON body as ``model``: 415 not JSON, 400 malformed, 422 the wrong shape."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    # Required even for an empty body: a cross-site HTML form cannot send it, so a
+    # host's session cookie cannot be used to answer or cancel from another site.
+    if content_type != "application/json":
+        raise ApiError(Problem(415, "unsupported_media_type", "send the body as application/json"))
     raw = await request.body()
     if not raw.strip():
         return model()
-    if content_type != "application/json":
-        raise ApiError(Problem(415, "unsupported_media_type", "send the body as application/json"))
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:

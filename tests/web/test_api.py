@@ -172,6 +172,11 @@ def test_malformed_requests_get_the_same_error_body(http: httpx.Client) -> None:
     assert error_of(broken, 400)["code"] == "bad_request"
     form = http.post("/api/runs/r/resume", content=b"input=1")
     assert error_of(form, 415)["code"] == "unsupported_media_type"
+    # An empty cross-site form post (a session cookie riding along) changes nothing either.
+    empty = http.post(
+        "/api/runs/r/cancel", headers={"content-type": "application/x-www-form-urlencoded"}
+    )
+    assert error_of(empty, 415)["code"] == "unsupported_media_type"
     wrong = http.post("/api/runs/r/resume", json={"pause_seq": "first", "surprise": 1})
     error = error_of(wrong, 422)
     assert error["code"] == "invalid_body"

@@ -49,6 +49,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import click
@@ -57,6 +58,7 @@ from celery.result import AsyncResult
 
 from ._client import Client, send
 from ._execution import Executor
+from ._links import resume_link
 from ._pausing import Pausing
 from ._timeouts import Timeouts, register_timer_task
 from .config import CheckpointConfig
@@ -235,6 +237,28 @@ class Checkpoints:
         an unknown one ``CheckpointNotFound``. Returns the ended record.
         """
         return self._client.cancel(run_id, reason)
+
+    def resume_link(
+        self,
+        run_id: str,
+        input: Any = None,
+        *,
+        expires_in: timedelta | float | None = None,
+        actor: str | None = None,
+    ) -> str:
+        """A signed one-time link that answers the run's current pause, for e-mail or chat.
+
+        Opening the link (GET) shows the run and a confirm button, or the form
+        drawn from ``expects`` when no ``input`` is preset; only its POST
+        answers (``via="link"``, ``actor`` recorded). The link is bound to this
+        pause (``pause_seq``) and to ``input``, which is validated now
+        (``ResumeRejected``); it expires after ``expires_in`` (default 7 days)
+        and never after the pause's deadline. Its nonce is the request id: a
+        second click is the same answer. Needs ``checkpoint_web_secret_keys``
+        and ``checkpoint_web_base_url`` (``ImproperlyConfigured`` otherwise);
+        unknown or ended runs raise as ``resume`` does.
+        """
+        return resume_link(self, run_id, input, expires_in=expires_in, actor=actor)
 
     def runs(
         self,

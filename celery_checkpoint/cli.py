@@ -12,6 +12,8 @@ entry point); ``-A`` names the app, whose ``Checkpoints`` store is used
     celery -A proj checkpoint recover [--json]
     celery -A proj checkpoint stats [--json]
     celery -A proj checkpoint prune --older-than 30d [--json]
+    celery -A proj checkpoint serve [--host 127.0.0.1] [--port 8000]
+                                    [--authenticate MODULE:FUNCTION] [--root-path /approvals]
 
 ``list`` streams: it prints each run as it reads it, so it starts at once and
 keeps its memory flat over any number of paused runs. ``--json`` prints one
@@ -31,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import getpass
+import importlib
 import json
 import os
 import re
@@ -45,7 +48,7 @@ from kombu.exceptions import KombuError
 
 from ._format import COLUMNS, ago, deadline, echo_json, iso, row, span, state_of, summary
 from .checkpoints import Checkpoints
-from .exceptions import CheckpointError, InvalidRunId, ResumeRejected
+from .exceptions import CheckpointError, ImproperlyConfigured, InvalidRunId, ResumeRejected
 from .model import MAX_DURATION, utcnow, validate_run_id
 from .store import RunInfo
 
@@ -490,3 +493,62 @@ def prune(ctx: click.Context, older_than: float, as_json: bool) -> None:
         echo_json({"pruned": pruned, "older_than_seconds": older_than})
     else:
         click.echo(f"pruned {pruned} ended runs that ended over {span(older_than)} ago")
+
+
+def _import_hook(path: str) -> Any:
+    module_name, _, name = path.partition(":")
+    try:
+        hook = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise BadInput(f"--authenticate {path!r}: cannot import it ({exc})") from None
+    if not callable(hook):
+        raise BadInput(f"--authenticate {path!r} is not a function of the request")
+    return hook
+
+
+@checkpoint.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--authenticate",
+    "hook",
+    metavar="MODULE:FUNCTION",
+    help="authenticate(request) -> actor | None: who is asking (the host's login).",
+)
+@click.option("--root-path", default="", metavar="PATH", help="The path a proxy serves it under.")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, hook: str | None, root_path: str) -> None:
+    """Serve the inbox, the JSON API, signed links and /metrics (uvicorn)."""
+    checkpoints = _checkpoints(ctx)
+    authenticate = _import_hook(hook) if hook else None
+    try:
+        # The web extra is optional: only this command needs it.
+        import uvicorn
+
+        from .web import create_app
+    except (ImportError, ImproperlyConfigured) as exc:
+        raise Failed(
+            f"serve needs the web extra: pip install 'celery-checkpoint[web]' ({exc})"
+        ) from None
+    with _errors():
+        app = create_app(checkpoints, authenticate=authenticate)
+    config = checkpoints.config
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    base = f"http://{shown}:{port}{root_path.rstrip('/')}"
+    click.echo(f"inbox    {base}/")
+    click.echo(f"API      {base}/api/  (document: {base}/api/openapi.json)")
+    click.echo(f"metrics  {base}/metrics")
+    if authenticate is None and not config.web_tokens:
+        click.echo(
+            "CLOSED: no authentication is configured, so everything but signed links answers "
+            '401. To open it, set checkpoint_web_tokens = {"<token>": "<actor>"} in the '
+            "app's config (API: Authorization: Bearer <token>), or pass --authenticate "
+            "MODULE:FUNCTION (a function of the request returning who is signed in), or mount "
+            "celery_checkpoint.web.create_app(checkpoints, authenticate=...) in your web app."
+        )
+    if not config.web_secret_keys:
+        click.echo(
+            "no checkpoint_web_secret_keys: signed links are off, and forms use a key of this "
+            "process only (set it when several processes serve the inbox)"
+        )
+    uvicorn.run(app, host=host, port=port, root_path=root_path, log_level="info")

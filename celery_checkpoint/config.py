@@ -9,6 +9,9 @@ setting                            default    meaning
 ``checkpoint_recovery_interval``   30         seconds between recovery passes on each worker
 ``checkpoint_max_recoveries``      5          recoveries of one run before it is marked failed
 ``checkpoint_resend_after``        300        seconds a pending resume may wait before re-sent
+``checkpoint_web_secret_keys``     none       signing keys, newest first: first signs, all verify
+``checkpoint_web_base_url``        none       the web app's public address, for absolute links
+``checkpoint_web_tokens``          none       API bearer tokens and the actor each names
 =================================  =========  =====================================================
 
 The default store is the directory ``$XDG_DATA_HOME/celery-checkpoint/<app name>``
@@ -18,13 +21,14 @@ The default store is the directory ``$XDG_DATA_HOME/celery-checkpoint/<app name>
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from .exceptions import ImproperlyConfigured
 from .model import DEFAULT_LEASE_SECONDS
 
-__all__ = ["CheckpointConfig", "default_store_dir"]
+__all__ = ["CheckpointConfig", "base_url", "default_store_dir", "secret_keys", "tokens"]
 
 
 def default_store_dir(app_name: str | None) -> str:
@@ -55,6 +59,10 @@ class CheckpointConfig:
     recovery_interval: float = 30.0
     max_recoveries: int = 5
     resend_after: float = 300.0
+    #: Secrets stay out of ``repr``: a config object ends up in logs and tracebacks.
+    web_secret_keys: tuple[str, ...] = field(default=(), repr=False)
+    web_base_url: str | None = None
+    web_tokens: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_app(cls, app: Any, store: str | None = None) -> CheckpointConfig:
@@ -80,4 +88,58 @@ class CheckpointConfig:
             recovery_interval=_number(conf, "checkpoint_recovery_interval", 30.0, minimum=0.05),
             max_recoveries=recoveries,
             resend_after=_number(conf, "checkpoint_resend_after", 300.0, minimum=0.0),
+            web_secret_keys=secret_keys(conf.get("checkpoint_web_secret_keys")),
+            web_base_url=base_url(conf.get("checkpoint_web_base_url")),
+            web_tokens=tokens(conf.get("checkpoint_web_tokens")),
         )
+
+
+def secret_keys(value: Any, name: str = "checkpoint_web_secret_keys") -> tuple[str, ...]:
+    """One key or a list of them, newest first; each at least 16 characters."""
+    if value is None:
+        return ()
+    keys = [value] if isinstance(value, str | bytes) else value
+    if not isinstance(keys, list | tuple):
+        raise ImproperlyConfigured(f"{name} must be a key or a list of keys, not {value!r}")
+    checked: list[str] = []
+    for key in keys:
+        if isinstance(key, bytes):
+            key = key.decode("utf-8", "surrogateescape")
+        if not isinstance(key, str) or len(key) < 16:
+            raise ImproperlyConfigured(
+                f"{name}: every key must be a string of at least 16 characters "
+                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        checked.append(key)
+    return tuple(checked)
+
+
+def base_url(value: Any, name: str = "checkpoint_web_base_url") -> str | None:
+    """An absolute http(s) address, kept without its trailing slash."""
+    if value is None or value == "":
+        return None
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ImproperlyConfigured(
+            f"{name} must be an absolute http(s) address such as "
+            f"https://shop.example/approvals, not {value!r}"
+        )
+    if parts.query or parts.fragment:
+        raise ImproperlyConfigured(f"{name} must not carry a query or fragment: {value!r}")
+    return str(value).rstrip("/")
+
+
+def tokens(value: Any, name: str = "checkpoint_web_tokens") -> dict[str, str]:
+    """``{token: actor}``: each bearer token names who uses it."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(
+            f'{name} must map each token to the actor it names, e.g. {{"s3cr3t...": "billing"}}'
+        )
+    for token, actor in value.items():
+        if not isinstance(token, str) or len(token) < 16:
+            raise ImproperlyConfigured(f"{name}: every token must be at least 16 characters")
+        if not isinstance(actor, str) or not actor:
+            raise ImproperlyConfigured(f"{name}: every token must name its actor (a string)")
+    return dict(value)

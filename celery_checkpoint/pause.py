@@ -28,7 +28,16 @@ from ._expects import adapter_for, schema_of, spec_of
 from .exceptions import ResumeRejected
 from .model import MAX_DURATION, RunRecord
 
-__all__ = ["PAUSED", "RESUMING", "Pause", "Run", "revalidate", "type_path", "validate_input"]
+__all__ = [
+    "PAUSED",
+    "RESUMING",
+    "Pause",
+    "Run",
+    "expects_schema",
+    "revalidate",
+    "type_path",
+    "validate_input",
+]
 
 #: The Celery state of a paused run.
 PAUSED = "PAUSED"
@@ -202,3 +211,14 @@ def revalidate(run: RunRecord, stored: JsonValue) -> Any:
             "(did the type change since the pause?)",
             exc.errors(include_url=False),
         ) from exc
+
+
+def expects_schema(run: RunRecord) -> dict[str, Any] | None:
+    """The JSON Schema of the pause's ``expects``: the one taken at pause time,
+    else built from the type (records written before it was kept); None when
+    the pause expects any JSON or the type cannot be imported here."""
+    if run.expects_schema is not None:
+        return dict(run.expects_schema)
+    if run.expects is None:
+        return None
+    return schema_of(run.expects)

@@ -12,12 +12,18 @@ The workflow, ``approval.fulfil``:
    slot is free while a person decides,
 3. is resumed with the decision and ships or cancels the order.
 
+Then the front door: the demo serves the web app (:func:`celery_checkpoint.web.create_app`)
+on loopback beside its worker, prints the inbox's address and the approval
+e-mail of a third order (``examples/approval_email.py``), and answers that
+order by POSTing the e-mail's "Approve" link, as the confirm button would.
+
 ``filesystem://`` has no message acknowledgement, which is fine for a demo and
 never for crash safety: use Redis or RabbitMQ in production.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -145,7 +151,66 @@ def main() -> int:
         for order_id, result in results.items():
             say(f"order {order_id}: {result.get(timeout=30)} (state {result.state})")
         say(f"paused runs left in the store: {checkpoints.store.count()}")
+        front_door(worker)
         return 0
     finally:
         worker.terminate()
         worker.wait(timeout=30)
+
+
+def front_door(worker: subprocess.Popen[bytes]) -> None:
+    """Serve the web app beside the worker and answer an order through a signed link."""
+    import socket
+    import threading
+    import urllib.request
+
+    import uvicorn
+    from approval_email import email_body
+
+    from celery_checkpoint.web import create_app
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    token = "demo-token-0123456789abcdef"
+    web = create_app(
+        checkpoints,
+        secret_keys=["demo-key-0123456789abcdef"],
+        base_url=base,
+        tokens={token: "demo-ops"},
+        # A demo on loopback: anyone on this machine is "local-demo" in the inbox.
+        authenticate=lambda request: "local-demo" if request.client else None,
+    )
+    server = uvicorn.Server(uvicorn.Config(web, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.02)
+    try:
+        say("")
+        say(f"web app serving beside the worker: inbox {base}/ , API {base}/api/runs")
+        result = fulfil.delay(3, ["chair"])
+        wait_for_state(result, "PAUSED", worker)
+        ask = urllib.request.Request(
+            f"{base}/api/runs", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(ask, timeout=30) as response:
+            listed = json.load(response)["runs"]
+        say(f"order 3: paused; GET /api/runs lists {len(listed)} paused run(s)")
+        body = email_body(checkpoints, result.id, "3", "manager@shop.example")
+        say("the approval e-mail for order 3:")
+        for line in body.splitlines():
+            say(f"  | {line}")
+        approve = next(line.split(": ", 1)[1] for line in body.splitlines() if "Approve:" in line)
+        with urllib.request.urlopen(approve, timeout=30) as response:
+            say(f"GET the Approve link (a mail scanner would): {response.status}, nothing changed")
+        confirm = urllib.request.Request(approve, data=b"", method="POST")
+        with urllib.request.urlopen(confirm, timeout=30) as response:
+            say(f"POST the Approve link (the confirm button): {response.status}, answer recorded")
+        say(f"order 3: {result.get(timeout=30)} (state {result.state})")
+        ended = checkpoints.store.ended(result.id)
+        if ended is not None and ended.resume is not None:
+            say(f"order 3: answered by {ended.resume.actor} via {ended.resume.via}")
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

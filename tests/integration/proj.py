@@ -20,10 +20,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from celery_checkpoint import Checkpoints, Pause
 
@@ -35,6 +35,23 @@ class Approval(BaseModel):
 
     approved: bool
     approver: str
+
+
+class Shipping(BaseModel):
+    city: str
+    express: bool = False
+
+
+class Review(BaseModel):
+    """Resume input of :func:`review`: a form with most kinds of field (the web tests)."""
+
+    approved: bool
+    approver: str = Field(pattern=r"^[a-z]+$", description="Your login, in lower case")
+    quantity: int = Field(ge=1, le=10)
+    priority: Literal["low", "normal", "high"] = "normal"
+    tags: list[str] = []
+    shipping: Shipping
+    note: str | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +222,15 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
             )
         mark(markers, "body", run.run_id)
         return "timed out" if run.timed_out else run.resume_input
+
+    @checkpoints.task(bind=True, shared=False, name="proj.review")
+    def review(self: Any, order: str) -> dict[str, Any]:
+        """Pauses for a :class:`Review`; returns the order and the review as JSON."""
+        run = checkpoints.current()
+        if not run.resumed:
+            raise Pause("await_review", expects=Review, reason=f"order {order} needs a review")
+        mark(markers, "body", run.run_id)
+        return {"order": order, "review": run.resume_input.model_dump(mode="json")}
 
     @checkpoints.task(bind=True, shared=False, name="proj.two_pauses")
     def two_pauses(self: Any, x: int) -> dict[str, Any]:

@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import click
 from kombu.exceptions import KombuError
@@ -523,9 +523,10 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         ("pending_resumes", "pending resumes"),
         ("due_timeouts", "due timeouts"),
     )
+    shown = cast("dict[str, int]", counts)  # looked up by a key from the list above
     for key, label in labels:
-        if key in counts:
-            click.echo(f"{label:<16} {counts[key]:>8}")
+        if key in shown:
+            click.echo(f"{label:<16} {shown[key]:>8}")
 
 
 @checkpoint.command()

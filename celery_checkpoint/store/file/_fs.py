@@ -22,7 +22,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ...exceptions import ImproperlyConfigured, StoreUnavailable
+from ...exceptions import StoreUnavailable
+from .._local import fs_type, refuse_network_fs
 
 __all__ = ["KINDS", "Tree", "fs_type"]
 
@@ -32,9 +33,6 @@ logger = logging.getLogger("celery_checkpoint.store.file")
 KINDS = ("paused", "inflight", "pending", "deadlines", "ended", "tmp", "locks")
 _RECORDS = frozenset({"paused", "inflight", "ended"})  # named <run_id>.json
 _STRIPES = 256
-_NETWORK_FS = frozenset(
-    {"nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "fuse.sshfs", "afs", "9p", "ceph"}
-)
 # A temp file whose writer we cannot prove dead is removed only after this long.
 _STALE_TMP_SECONDS = 3600.0
 
@@ -61,13 +59,9 @@ class Tree:
         except OSError as exc:
             raise StoreUnavailable(f"cannot open the checkpoint store at {root}", exc) from exc
         if not allow_network_fs:
-            fstype = fs_type(root)
-            if fstype in _NETWORK_FS:
-                raise ImproperlyConfigured(
-                    f"checkpoint store {root} is on a {fstype} mount: the file store needs "
-                    "a local POSIX filesystem (flock, rename and fsync). Use a local directory "
-                    "or the Redis store (redis://...)"
-                )
+            refuse_network_fs(
+                root, "the file store", "flock, rename and fsync", "the Redis store (redis://...)"
+            )
         if not os.access(root, os.W_OK):
             raise StoreUnavailable(
                 f"cannot open the checkpoint store at {root}",
@@ -228,22 +222,3 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def fs_type(path: Path) -> str | None:
-    """The filesystem type of the mount holding ``path`` (Linux), else None."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
-            mounts = [line.split() for line in fh]
-    except OSError:
-        return None
-    best: tuple[int, str] | None = None
-    target = str(path.resolve())
-    for fields in mounts:
-        if len(fields) < 3:
-            continue
-        mount_point = fields[1].replace("\\040", " ")
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and (best is None or len(mount_point) > best[0]):
-            best = (len(mount_point), fields[2])
-    return None if best is None else best[1]

@@ -76,15 +76,18 @@ def run_from(row: Any) -> RunRecord:
         raise CorruptCheckpoint(run_id, corrupt_detail(exc, record or b"")) from exc
     if run.run_id != run_id:
         raise CorruptCheckpoint(run_id, f"record names run {run.run_id!r}")
-    if resume is not None:
-        run.resume = resume_from(run_id, resume)
-    run.status = status
-    run.last_token = last_token
-    run.lease_ended_by = ended_by
-    run.recoveries = recoveries
-    run.ended_reason = reason
-    run.ended_at = None if ended_at is None else from_us(ended_at)
-    run.result = result
+    # The columns win over the JSON. Set straight into the fields (pydantic's
+    # __setattr__ costs a tenth of a claim here): every value is ours, typed.
+    run.__dict__.update(
+        resume=None if resume is None else resume_from(run_id, resume),
+        status=status,
+        last_token=last_token,
+        lease_ended_by=ended_by,
+        recoveries=recoveries,
+        ended_reason=reason,
+        ended_at=None if ended_at is None else from_us(ended_at),
+        result=result,
+    )
     return run
 
 

@@ -49,6 +49,13 @@ _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
 _INHERITED: list[sqlite3.Connection] = []
 
 
+def _step(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> tuple[list[Any], int]:
+    # Every row is fetched: an autocommit statement commits only when it has run to the end.
+    cursor = db.execute(sql, params)
+    rows = cursor.fetchall()
+    return rows, cursor.rowcount
+
+
 def _is_busy(exc: sqlite3.Error) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if code is not None:
@@ -171,13 +178,13 @@ class Connection:
             )
         return StoreUnavailable(f"checkpoint store {self.path}: {what} failed", exc)
 
-    def _retry(self, call: Any) -> Any:
-        """``call()``, again while SQLite says busy, until ``busy_timeout`` has passed."""
+    def _retry(self, call: Any, *args: Any) -> Any:
+        """``call(*args)``, again while SQLite says busy, until ``busy_timeout`` has passed."""
         deadline = time.monotonic() + self.busy_timeout
         pause = 0.001
         while True:
             try:
-                return call()
+                return call(*args)
             except sqlite3.OperationalError as exc:
                 if not _is_busy(exc) or time.monotonic() >= deadline:
                     raise
@@ -187,32 +194,82 @@ class Connection:
     # -- what the store calls ------------------------------------------------------------
 
     @contextlib.contextmanager
-    def write(self, action: str, run_id: str) -> Iterator[sqlite3.Connection]:
+    def write(
+        self, action: str, run_id: str, *, durable: bool = True
+    ) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``), durable when it returns.
 
         An exception inside rolls it back and nothing is changed; an ``sqlite3``
-        error becomes ``StoreUnavailable``.
+        error becomes ``StoreUnavailable``. ``durable=False`` commits without
+        the fsync (``synchronous=NORMAL`` for this transaction): still atomic,
+        and kept through any crash of the process, but a power cut may lose it
+        -- together with nothing else, since the next durable commit of any
+        process fsyncs the WAL up to its own end.
         """
         with self._lock:
+            db: sqlite3.Connection | None = None
             try:
                 db = self._connection()
-                self._retry(lambda: db.execute("BEGIN IMMEDIATE"))
+                if not durable:
+                    db.execute("PRAGMA synchronous=NORMAL")
+                self._retry(db.execute, "BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
+                self._durable_again(db, durable)
                 raise self._unavailable(action, run_id, exc) from exc
             try:
-                yield db
-            except BaseException as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
+                try:
+                    yield db
+                except BaseException as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                    if isinstance(exc, sqlite3.Error):
+                        raise self._unavailable(action, run_id, exc) from exc
+                    raise
+                try:
+                    db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
                     raise self._unavailable(action, run_id, exc) from exc
-                raise
+            finally:
+                self._durable_again(db, durable)
+
+    @staticmethod
+    def _durable_again(db: sqlite3.Connection | None, durable: bool) -> None:
+        if not durable and db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("PRAGMA synchronous=FULL")
+
+    def change(
+        self,
+        action: str,
+        run_id: str,
+        sql: str,
+        params: Sequence[Any] = (),
+        *,
+        durable: bool = True,
+    ) -> tuple[list[Any], int]:
+        """One statement as its own transaction (its rows if it returns any, and how
+        many rows it changed); ``durable`` as for :meth:`write`.
+
+        SQLite takes the write lock before the statement reads, so its ``WHERE``
+        is a compare-and-set. ``sqlite3.IntegrityError`` (a constraint) is the
+        caller's to handle; other ``sqlite3`` errors become ``StoreUnavailable``.
+        """
+        with self._lock:
+            db: sqlite3.Connection | None = None
             try:
-                db.execute("COMMIT")
+                db = self._connection()
+                if not durable:
+                    db.execute("PRAGMA synchronous=NORMAL")
+                result: tuple[list[Any], int] = self._retry(_step, db, sql, params)
+                return result
+            except sqlite3.IntegrityError:
+                raise
             except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("ROLLBACK")
                 raise self._unavailable(action, run_id, exc) from exc
+            finally:
+                self._durable_again(db, durable)
 
     def one(self, action: str, run_id: str, sql: str, params: Sequence[Any] = ()) -> Any:
         """The first row of a read (one statement: one consistent snapshot), or None."""

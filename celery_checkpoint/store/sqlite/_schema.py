@@ -81,9 +81,8 @@ CREATE INDEX runs_deadline ON runs (expires_at, run_id)
     WHERE status = 'paused' AND expires_at IS NOT NULL;
 -- due_resumes(): pending requests by when they were last sent
 CREATE INDEX runs_pending ON runs (resume_sent_at) WHERE resume_sent_at IS NOT NULL;
--- recover_orphaned(): in-flight runs by lease expiry, and by the owner's host
-CREATE INDEX runs_lease_expiry ON runs (lease_expires) WHERE lease_token IS NOT NULL;
-CREATE INDEX runs_lease_host ON runs (lease_host) WHERE lease_token IS NOT NULL;
+-- recover_orphaned(): in-flight runs (a handful: one per busy worker slot) by lease expiry
+CREATE INDEX runs_in_flight ON runs (lease_expires) WHERE lease_token IS NOT NULL;
 -- prune_ended(): tombstones by when they ended
 CREATE INDEX runs_ended ON runs (ended_at, run_id) WHERE status <> 'paused';
 

@@ -45,6 +45,7 @@ __all__ = ["Connection"]
 logger = logging.getLogger("celery_checkpoint.store.sqlite")
 
 _SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+_NEEDS = (3, 35, 0)
 # Connections inherited across fork: referenced for ever, never closed (see above).
 _INHERITED: list[sqlite3.Connection] = []
 
@@ -68,6 +69,11 @@ class Connection:
     """The database file and this process's connection to it."""
 
     def __init__(self, path: Path, *, busy_timeout: float, allow_network_fs: bool) -> None:
+        if sqlite3.sqlite_version_info < _NEEDS:
+            raise ImproperlyConfigured(
+                f"the SQLite store needs SQLite {'.'.join(map(str, _NEEDS))} or newer (for "
+                f"UPDATE ... RETURNING); this Python links SQLite {sqlite3.sqlite_version}"
+            )
         self.path = path
         self.busy_timeout = float(busy_timeout)
         self._lock = threading.Lock()

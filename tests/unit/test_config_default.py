@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import stat
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def test_a_file_store_left_at_the_former_default_keeps_being_used(
     legacy = Path(default_store_dir("shop"))
     assert legacy == tmp_path / "data" / "celery-checkpoint" / "shop"
     FileStore(legacy).save(make_run("waiting"))
-    config = CheckpointConfig.from_app(Celery("shop", set_as_current=False))
+    with caplog.at_level(logging.WARNING, logger="celery_checkpoint"):
+        config = CheckpointConfig.from_app(Celery("shop", set_as_current=False))
     assert config.store == str(legacy), "paused runs are not left behind by an upgrade"
     assert "keeping the file store" in caplog.text
     store = CheckpointStore.open(config.store)

@@ -258,10 +258,11 @@ class SqliteStore(Extensions, CheckpointStore):
                 "SELECT status, lease_token FROM runs WHERE run_id = ?",
                 (run_id,),
             )
-            if create and row is not None:
+            if row is None or (not create and row[1] is None):
+                return self._save(run, token, create)  # changed in between: decide again
+            if create:
                 raise CheckpointExists(run_id, "paused" if row[0] == "paused" else "ended")
-            live = "?" if row is None else row[1]
-            raise LeaseLost(run_id, f"the run is in flight under token {live}; save with it")
+            raise LeaseLost(run_id, f"the run is in flight under token {row[1]}; save with it")
         return None
 
     def _save_keyed(self, run: RunRecord, token: int | None, create: bool) -> ResumeRequest | None:

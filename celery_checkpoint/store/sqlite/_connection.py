@@ -160,7 +160,13 @@ class Connection:
         return self._db
 
     def after_fork_in_child(self) -> None:
+        """A lock held by another thread at the fork stays held for ever in the child:
+        take a new one; and set the parent's connection aside before anything in the
+        child can use or close it."""
         self._lock = threading.Lock()
+        if self._db is not None:
+            _INHERITED.append(self._db)
+            self._db = None
 
     def close(self) -> None:
         with self._lock:

@@ -10,10 +10,13 @@ library's ``sqlite3`` is the only driver. ``?busy_timeout=SECONDS`` (default
 
 Atomicity and durability
     Every transition -- save, claim, request_resume, heartbeat, complete,
-    release, end, the re-arm of one orphaned run -- is one ``BEGIN IMMEDIATE``
-    transaction: the write lock is held from the first read, so the checks
-    and the write are one compare-and-set, and of any number of processes
+    release, end, the re-arm of one orphaned run -- is one transaction whose
+    checks and write are one compare-and-set, so of any number of processes
     (a prefork worker's children, the CLI, a web app) exactly one claim wins.
+    The hot ones (save, claim, complete) are one statement each, its
+    ``WHERE`` the compare-and-set (see :mod:`._sql`); the others read, decide
+    and write inside ``BEGIN IMMEDIATE``, which holds the write lock from the
+    first read.
     The database runs in WAL mode with ``synchronous=FULL``: the WAL is fsynced
     at each commit, so a returned transition survives a power cut, and a
     process killed at any instant leaves each run before or after its last
@@ -39,7 +42,8 @@ Layout
     database on open, an older one refuses a newer database.
 
 Costs
-    Recovery reads the in-flight rows by lease expiry and by host; due
+    Recovery reads the in-flight rows by lease expiry (and those of this
+    host, to prove their owners dead); due
     timeouts, due resumes and undelivered results read their own partial
     indexes; ``count`` and ``stats`` count index entries; ``list`` pages
     through an index in order. None of them reads a paused run it does not

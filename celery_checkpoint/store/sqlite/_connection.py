@@ -5,15 +5,20 @@ One connection per store per process, shared by its threads under a lock
 the number of connections, so a connection per thread would buy no write
 concurrency; it would cost a file descriptor, a WAL reader slot and a statement
 cache per thread, and connections left behind by threads that end (a Celery
-thread pool, the heartbeat thread). A child process never uses the
+thread pool, the heartbeat thread). The price: one process's threads take
+turns, a read waiting out a write's fsync (a fraction of a millisecond); a
+process serving many concurrent readers can open a store per thread. A child
+process never uses the
 connection it inherited across ``fork`` (SQLite forbids it): it opens its own
 on first use, and keeps the inherited one referenced but untouched, because
 closing it in the child could checkpoint or delete the WAL under the parent.
 
-Every transition is one ``BEGIN IMMEDIATE`` transaction: the write lock is
-taken before the first read, so the reads and checks that decide a
-compare-and-set see what the write replaces. ``synchronous=FULL`` in WAL mode
-fsyncs the WAL at each commit: a returned transition survives a power cut.
+A transition is one statement (:meth:`Connection.change`, its ``WHERE`` the
+compare-and-set) or one ``BEGIN IMMEDIATE`` transaction
+(:meth:`Connection.write`): either way the write lock is taken before the
+first read, so the reads and checks that decide a compare-and-set see what the
+write replaces. ``synchronous=FULL`` in WAL mode fsyncs the WAL at each
+commit: a returned transition survives a power cut.
 SQLite's busy handler waits for the lock; a ``SQLITE_BUSY`` that comes back
 anyway (the handler is skipped while another connection recovers the WAL
 after a crash) is retried here until ``busy_timeout`` has passed, then raised

@@ -68,16 +68,14 @@ class Extensions:
         bound = now - round(older_than * 1_000_000)
         mark = max(now, bound + 1)  # never examined again by this pass
         due: builtins.list[str] = []
+        select = (
+            f"SELECT run_id FROM runs WHERE {column} IS NOT NULL AND {column} <= ?{extra} LIMIT ?"
+        )
+        if not self._conn.all(action, "*", select, (bound, 1)):
+            return due  # the usual answer, found without taking the write lock
         while True:
             with self._conn.write(action, "*") as db:
-                ids = [
-                    r[0]
-                    for r in db.execute(
-                        f"SELECT run_id FROM runs WHERE {column} IS NOT NULL AND {column} <= ?"
-                        f"{extra} LIMIT ?",
-                        (bound, BATCH),
-                    )
-                ]
+                ids = [r[0] for r in db.execute(select, (bound, BATCH))]
                 db.executemany(
                     f"UPDATE runs SET {column} = ? WHERE run_id = ?", [(mark, i) for i in ids]
                 )

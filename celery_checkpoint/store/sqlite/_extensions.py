@@ -2,7 +2,7 @@
 
 E1 (the deadline in ``request_resume``) and the E4 parts of ``save`` live with
 the transitions they change; the primitives here are new ones, kept apart until
-``base.py`` grows their public wrappers (see the store extensions notes):
+``base.py`` grows their public wrappers:
 results kept until delivered (E2), the earliest deadline (E3), business keys
 and early answers (E4), counts by task and step (E6), restoring records as
 they are and streaming tombstones (E7). Ordered listing (E5) is ``_list``.

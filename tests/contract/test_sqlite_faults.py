@@ -253,8 +253,8 @@ def _busy_writer(db: str, seconds: float, out: Any) -> None:
     try:
         store = SqliteStore(db)
         cycles = 0
-        stop = time.monotonic() + seconds
-        while time.monotonic() < stop:
+        stop, hard_stop = time.monotonic() + seconds, time.monotonic() + 30
+        while time.monotonic() < stop or (cycles < 20 and time.monotonic() < hard_stop):
             run_id = f"w-{cycles % 50:02d}"
             with contextlib.suppress(LeaseLost):
                 store.save(record(run_id, 1))
@@ -274,8 +274,8 @@ def _reader(db: str, seconds: float, out: Any) -> None:
     try:
         store = SqliteStore(db)
         reads = 0
-        stop = time.monotonic() + seconds
-        while time.monotonic() < stop:
+        stop, hard_stop = time.monotonic() + seconds, time.monotonic() + 30
+        while time.monotonic() < stop or (reads < 100 and time.monotonic() < hard_stop):
             for info in store.list():
                 assert whole(info.run), info.run
                 reads += 1

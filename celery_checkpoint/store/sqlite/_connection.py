@@ -88,7 +88,7 @@ class Connection:
         self._create_file(allow_network_fs)
         db = self._connection()
         try:
-            before, after = migrate(db, where=str(path))
+            before, after = self._retry(lambda: migrate(db, where=str(path)))
         except sqlite3.Error as exc:
             raise self._unavailable("open", "*", exc) from exc
         if before != after:

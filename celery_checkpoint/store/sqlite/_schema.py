@@ -174,20 +174,20 @@ def schema_version(conn: sqlite3.Connection) -> int:
 def migrate(conn: sqlite3.Connection, *, where: str, upto: int = SCHEMA_VERSION) -> tuple[int, int]:
     """Bring the database up to version ``upto``; return (version before, after).
 
-    Runs in one ``BEGIN IMMEDIATE`` transaction (the caller's connection is in
-    autocommit mode), so two processes opening a new database at once apply
+    A database already at ``upto`` is only read (no write lock). Otherwise the
+    work runs in one ``BEGIN IMMEDIATE`` transaction (the caller's connection is
+    in autocommit mode), so two processes opening a new database at once apply
     each migration once. Raises ``ImproperlyConfigured`` for a newer schema.
     """
+    current = schema_version(conn)
+    _refuse_newer(current, where)
+    if current >= upto:
+        return current, current
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(_BOOKKEEPING)
         before = schema_version(conn)
-        if before > SCHEMA_VERSION:
-            raise ImproperlyConfigured(
-                f"checkpoint store {where}: this database was written by a newer "
-                f"celery-checkpoint (schema {before}); this package knows schema "
-                f"{SCHEMA_VERSION} at most: upgrade the package"
-            )
+        _refuse_newer(before, where)
         for migration in MIGRATIONS:
             if before < migration.version <= upto:
                 for statement in _statements(migration.sql):
@@ -208,6 +208,15 @@ def migrate(conn: sqlite3.Connection, *, where: str, upto: int = SCHEMA_VERSION)
         raise
     conn.execute("COMMIT")
     return before, after
+
+
+def _refuse_newer(version: int, where: str) -> None:
+    if version > SCHEMA_VERSION:
+        raise ImproperlyConfigured(
+            f"checkpoint store {where}: this database was written by a newer "
+            f"celery-checkpoint (schema {version}); this package knows schema "
+            f"{SCHEMA_VERSION} at most: upgrade the package"
+        )
 
 
 def _statements(script: str) -> list[str]:

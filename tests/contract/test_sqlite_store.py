@@ -15,6 +15,7 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ from celery_checkpoint import (
 )
 from celery_checkpoint.store.sqlite import SqliteStore, sqlite_path
 from celery_checkpoint.store.sqlite._schema import MIGRATIONS, SCHEMA_VERSION, migrate
-from tests.contract.helpers import make_run
+from tests.contract.helpers import make_run, mp_context
 
 
 @pytest.fixture
@@ -358,3 +359,31 @@ def test_a_forked_child_opens_its_own_connection_and_the_parent_goes_on(
     assert store.lease("child") is not None
     assert store.claim("parent") is not None, "the parent's connection still works"
     assert store._conn._connection() is parent_conn
+
+
+def _open_and_save(db: str, me: int, start: Any, out: Any) -> None:
+    try:
+        start.wait(30)
+        store = SqliteStore(db)
+        store.save(make_run(f"opener-{me}"))
+        out.put(("ok", me))
+    except BaseException as exc:
+        out.put(("error", repr(exc)))
+
+
+def test_processes_opening_a_new_database_at_once_apply_each_migration_once(db: Path) -> None:
+    ctx = mp_context()
+    start, out = ctx.Barrier(6), ctx.Queue()
+    children = [
+        ctx.Process(target=_open_and_save, args=(str(db), me, start, out)) for me in range(6)
+    ]
+    for child in children:
+        child.start()
+    results = [out.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(60)
+    assert sorted(results) == [("ok", me) for me in range(6)]
+    with contextlib.closing(raw(db)) as conn:
+        versions = [v for (v,) in conn.execute("SELECT version FROM schema_migrations")]
+    assert versions == [m.version for m in MIGRATIONS]
+    assert SqliteStore(db).count() == 6

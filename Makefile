@@ -30,6 +30,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/store_bench.py
 	$(BIN)/python bench/redis_bench.py
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python bench/sqlite_bench.py
 	$(BIN)/python bench/celery_bench.py
 	$(BIN)/python bench/timers_bench.py
 

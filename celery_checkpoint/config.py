@@ -3,7 +3,8 @@
 =================================  =========  =====================================================
 setting                            default    meaning
 =================================  =========  =====================================================
-``checkpoint_store``               see below  directory, ``file:///dir``, ``redis://host:port/db``
+``checkpoint_store``               see below  ``sqlite:////abs/app.db``, a directory,
+                                              ``file:///dir``, ``redis://host:port/db``
 ``checkpoint_lease_seconds``       60         how long a claim lasts without a heartbeat
 ``checkpoint_heartbeat_interval``  lease / 3  seconds between heartbeats while a body runs
 ``checkpoint_recovery_interval``   30         seconds between recovery passes on each worker
@@ -14,12 +15,15 @@ setting                            default    meaning
 ``checkpoint_web_tokens``          none       API bearer tokens and the actor each names
 =================================  =========  =====================================================
 
-The default store is the directory ``$XDG_DATA_HOME/celery-checkpoint/<app name>``
-(``~/.local/share/...``): every process of one user on one machine finds it.
+The default store is the SQLite database
+``$XDG_DATA_HOME/celery-checkpoint/<app name>.db`` (``~/.local/share/...``), as
+``sqlite:////`` + that absolute path: every process of one user on one machine
+finds it. Its directory is created 0700 (records hold personal data).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,14 +32,70 @@ from urllib.parse import urlsplit
 from .exceptions import ImproperlyConfigured
 from .model import DEFAULT_LEASE_SECONDS
 
-__all__ = ["CheckpointConfig", "base_url", "default_store_dir", "secret_keys", "tokens"]
+__all__ = [
+    "CheckpointConfig",
+    "base_url",
+    "default_store",
+    "default_store_dir",
+    "secret_keys",
+    "tokens",
+]
+
+logger = logging.getLogger("celery_checkpoint")
 
 
-def default_store_dir(app_name: str | None) -> str:
+def _data_home() -> str:
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(
         os.path.expanduser("~"), ".local", "share"
     )
-    return os.path.join(base, "celery-checkpoint", app_name or "default")
+    return os.path.join(os.path.abspath(base), "celery-checkpoint")
+
+
+def default_store(app_name: str | None) -> str:
+    """The default store's URL: ``sqlite:////<data home>/celery-checkpoint/<app>.db``.
+
+    Creates the directory (0700) so that the first process to start does not
+    race the others to it. Where the former default, a file store directory
+    beside it, holds runs and the database does not exist yet, that directory
+    stays the default (with a warning): a new release must not lose sight of
+    paused runs. ``celery checkpoint migrate`` moves them.
+    """
+    directory = _data_home()
+    database = os.path.join(directory, f"{app_name or 'default'}.db")
+    legacy = default_store_dir(app_name)
+    if not os.path.exists(database) and _holds_runs(legacy):
+        logger.warning(
+            "checkpoint store: keeping the file store at %s, which holds runs; the default "
+            "is now the SQLite database %s (set checkpoint_store to choose)",
+            legacy,
+            database,
+        )
+        return legacy
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise ImproperlyConfigured(
+            f"cannot create the default checkpoint store directory {directory} ({exc}); "
+            "set checkpoint_store"
+        ) from exc
+    return "sqlite:///" + database
+
+
+def _holds_runs(directory: str) -> bool:
+    for kind in ("paused", "ended"):
+        try:
+            with os.scandir(os.path.join(directory, kind)) as entries:
+                if any(entry.name.endswith(".json") for entry in entries):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def default_store_dir(app_name: str | None) -> str:
+    """The file store directory that was the default before the SQLite store; kept for
+    callers that name it (a file store left there is not read by the new default)."""
+    return os.path.join(_data_home(), app_name or "default")
 
 
 def _number(conf: Any, key: str, default: float, *, minimum: float) -> float:
@@ -68,7 +128,7 @@ class CheckpointConfig:
     def from_app(cls, app: Any, store: str | None = None) -> CheckpointConfig:
         """Read and validate the ``checkpoint_*`` keys; raise ``ImproperlyConfigured``."""
         conf = app.conf
-        target = store or conf.get("checkpoint_store") or default_store_dir(app.main)
+        target = store or conf.get("checkpoint_store") or default_store(app.main)
         lease = _number(conf, "checkpoint_lease_seconds", DEFAULT_LEASE_SECONDS, minimum=0.1)
         heartbeat = _number(conf, "checkpoint_heartbeat_interval", lease / 3, minimum=0.01)
         if heartbeat >= lease:

@@ -1,7 +1,8 @@
 """Backend-parametrized fixtures for the store contract suite.
 
 Every test that asks for ``store`` or ``store_factory`` runs once per backend:
-``[file]`` on a fresh directory, ``[redis]`` under a fresh key prefix in
+``[file]`` on a fresh directory, ``[sqlite]`` on a fresh database file,
+``[redis]`` under a fresh key prefix in
 database 15 of ``127.0.0.1:6379``, and ``[redis-cluster]`` under a fresh key
 prefix on a private three-primary Redis Cluster started once per session. A
 backend is done when this suite passes unchanged.
@@ -31,6 +32,7 @@ def _redis_backend_built() -> bool:
 @pytest.fixture(
     params=[
         pytest.param("file", id="file"),
+        pytest.param("sqlite", id="sqlite"),
         pytest.param("redis", id="redis", marks=pytest.mark.redis),
         pytest.param("redis-cluster", id="redis-cluster", marks=pytest.mark.redis),
     ]
@@ -39,6 +41,11 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
     """Opens instances of one store under test; children of a test may call it too."""
     if request.param == "file":
         factory = StoreFactory("file", str(tmp_path / "store"))
+        yield factory
+        factory.close_all()
+        return
+    if request.param == "sqlite":
+        factory = StoreFactory("sqlite", f"sqlite:///{tmp_path / 'store.db'}")
         yield factory
         factory.close_all()
         return

@@ -8,8 +8,10 @@ so these tests check both the exception and that nothing appeared anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celery_checkpoint import CheckpointStore, InvalidRunId
+from celery_checkpoint.store.sqlite import sqlite_path
 from tests.contract.helpers import StoreFactory, make_run, snapshot_tree
 
 # The rule of DESIGN.md, written out independently of the model's own regex.
@@ -91,6 +94,17 @@ class Witness:
     def snapshot(self) -> object:
         if self.factory.backend == "file":
             return snapshot_tree(self.around)  # the store's own tree included
+        if self.factory.backend == "sqlite":
+            # The database's content, and every file around it but its own three
+            # (a read may touch the -shm file's read marks).
+            db = sqlite_path(self.factory.target)[0]
+            files = {
+                path: stat
+                for path, stat in snapshot_tree(self.around).items()
+                if not path.startswith(str(db))
+            }
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                return files, list(conn.iterdump())
         return sorted(self._scan(self.factory.prefix + "*"))
 
     def stray_redis_keys(self, marker: str) -> list[bytes]:

@@ -3,8 +3,8 @@
 Each test gets a fresh :class:`~tests.integration.proj.Settings`: its own queue,
 its own Redis key prefix (broker, results and the Redis store all live under
 it in database 15), its own marker directory and store. ``broker`` runs every
-test on the Redis broker and on RabbitMQ; ``store_kind`` on the file store and
-the Redis store. Teardown stops the workers (SIGTERM, then SIGKILL of the
+test on the Redis broker and on RabbitMQ; ``store_kind`` on the file store, the
+SQLite store and the Redis store. Teardown stops the workers (SIGTERM, then SIGKILL of the
 whole process group), deletes the queue and every key under the prefix.
 """
 
@@ -57,7 +57,7 @@ def broker(request: pytest.FixtureRequest) -> str:
     return REDIS_URL
 
 
-@pytest.fixture(params=["file", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(params=["file", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def store_kind(request: pytest.FixtureRequest) -> str:
     if request.param == "redis":
         require_server("Redis", "127.0.0.1", 6379)
@@ -75,12 +75,15 @@ def make_settings(
     redis_store_url: str = REDIS_URL,
     **options: Any,
 ) -> Settings:
-    """``store_kind`` "file", or a Redis store at ``redis_store_url`` (a cluster node too)."""
+    """``store_kind`` "file", "sqlite", or a Redis store at ``redis_store_url`` (a cluster
+    node too)."""
     prefix = f"cc-it-{uuid4().hex[:12]}"
     markers = tmp_path / "markers"
     markers.mkdir()
     if store_kind == "file":
         store = str(tmp_path / "store")
+    elif store_kind == "sqlite":
+        store = f"sqlite:///{tmp_path / 'store.db'}"
     else:
         store = f"{redis_store_url}?prefix={prefix}:store:"
     return Settings(

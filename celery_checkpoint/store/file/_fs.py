@@ -27,7 +27,8 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from ...exceptions import ImproperlyConfigured, StoreUnavailable
+from ...exceptions import StoreUnavailable
+from .._local import fs_type, refuse_network_fs
 
 __all__ = ["KINDS", "STALE_TMP_SECONDS", "Tree", "fs_type"]
 
@@ -39,9 +40,6 @@ _RECORDS = frozenset({"paused", "inflight", "ended"})  # named <run_id>.json
 _STRIPES = 256
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
-_NETWORK_FS = frozenset(
-    {"nfs", "nfs4", "cifs", "smb", "smb2", "smb3", "smbfs", "fuse.sshfs", "afs", "9p", "ceph"}
-)
 #: A temp file is removed by age alone, never because its writer's pid looks
 #: gone: a writer in another pid namespace (a container sharing the directory)
 #: has a pid that means nothing here. A write holds its temp file for
@@ -74,13 +72,9 @@ class Tree:
             raise StoreUnavailable(f"cannot open the checkpoint store at {root}", exc) from exc
         self._warn_if_shared()
         if not allow_network_fs:
-            fstype = fs_type(root)
-            if fstype in _NETWORK_FS:
-                raise ImproperlyConfigured(
-                    f"checkpoint store {root} is on a {fstype} mount: the file store needs "
-                    "a local POSIX filesystem (flock, rename and fsync). Use a local directory "
-                    "or the Redis store (redis://...)"
-                )
+            refuse_network_fs(
+                root, "the file store", "flock, rename and fsync", "the Redis store (redis://...)"
+            )
         if not os.access(root, os.W_OK):
             raise StoreUnavailable(
                 f"cannot open the checkpoint store at {root}",
@@ -306,22 +300,3 @@ def _make_private_dir(path: Path, *, parents: bool = False) -> None:
             raise
         return
     os.chmod(path, _DIR_MODE)  # the umask may have removed bits the owner needs
-
-
-def fs_type(path: Path) -> str | None:
-    """The filesystem type of the mount holding ``path`` (Linux), else None."""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
-            mounts = [line.split() for line in fh]
-    except OSError:
-        return None
-    best: tuple[int, str] | None = None
-    target = str(path.resolve())
-    for fields in mounts:
-        if len(fields) < 3:
-            continue
-        mount_point = fields[1].replace("\\040", " ")
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        if inside and (best is None or len(mount_point) > best[0]):
-            best = (len(mount_point), fields[2])
-    return None if best is None else best[1]

@@ -523,9 +523,10 @@ def stats(ctx: click.Context, as_json: bool) -> None:
         ("pending_resumes", "pending resumes"),
         ("due_timeouts", "due timeouts"),
     )
+    shown: dict[str, object] = dict(counts)
     for key, label in labels:
-        if key in counts:
-            click.echo(f"{label:<16} {counts[key]:>8}")
+        if key in shown:
+            click.echo(f"{label:<16} {shown[key]:>8}")
 
 
 @checkpoint.command()

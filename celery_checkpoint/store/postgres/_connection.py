@@ -14,7 +14,8 @@ lost it may or may not have been applied -- whole, since every transition is
 one statement or one transaction -- and the caller gets ``StoreUnavailable``
 with the cause. Before a connection leaves the pool, a non-blocking look at its
 socket drops one the server has closed meanwhile (a restart,
-``pg_terminate_backend``), so that a transition is not sent on it in vain.
+``pg_terminate_backend``), so that a transition is not sent on it in vain; the
+pool replaces it in the background.
 
 A password in the URL (``user:secret@`` or ``?password=``) never appears in a
 message or a log line: it is shown as ``***``.
@@ -166,7 +167,6 @@ class Connection:
             max_size=self.pool_size,
             kwargs={"autocommit": True},
             configure=self._configure,
-            check=self._check,
             timeout=self.timeout,
             name=f"celery-checkpoint {self.display}",
             num_workers=1,
@@ -177,21 +177,25 @@ class Connection:
         conn.execute("SET TIME ZONE 'UTC'")  # timestamps come back as UTC datetimes
         self._connections.add(conn)
 
-    def _check(self, conn: PgConnection[Any]) -> None:
-        """Raise if the server closed ``conn`` while it sat in the pool; no round trip."""
+    def _alive(self, conn: PgConnection[Any]) -> bool:
+        """Whether the server kept ``conn`` open while it sat in the pool; no round trip.
+
+        An idle connection has nothing to read unless the server is leaving (a
+        restart, ``pg_terminate_backend``): then libpq reads its notice and the
+        end of the stream and calls the connection broken.
+        """
         pgconn = conn.pgconn
         if pgconn.status != self._ok:
-            raise self.psycopg.OperationalError("the connection is broken")
+            return False
         poller = select.poll()
         poller.register(pgconn.socket, select.POLLIN)
-        if poller.poll(0):
-            # An idle connection has nothing to read unless the server is leaving:
-            # read it (a FATAL notice, then end of file) and let libpq judge.
+        if not poller.poll(0):
+            return True
+        try:
             pgconn.consume_input()
-            if pgconn.status != self._ok:
-                raise self.psycopg.OperationalError("the server closed the connection")
-            if poller.poll(0):
-                pgconn.consume_input()  # the end of file after the notice
+        except self.psycopg.OperationalError:
+            return False
+        return False  # something arrived unasked: the notice of a session ending
 
     # -- after a fork ------------------------------------------------------------
 
@@ -233,8 +237,21 @@ class Connection:
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[PgConnection[Any]]:
-        with self._pool_here().connection() as conn:
+        """A pooled connection the server has not closed meanwhile, as far as can be told."""
+        pool = self._pool_here()
+        conn = pool.getconn()
+        # Dead ones are closed and handed back (the pool replaces them), at once:
+        # the pool's own check would wait a second or more after each one.
+        for _ in range(self.pool_size + 1):
+            if self._alive(conn):
+                break
+            conn.close()
+            pool.putconn(conn)
+            conn = pool.getconn()
+        try:
             yield conn
+        finally:
+            pool.putconn(conn)
 
     def unavailable(self, action: str, run_id: str, exc: BaseException) -> StoreUnavailable:
         what = action if run_id == "*" else f"{action} of run {run_id!r}"

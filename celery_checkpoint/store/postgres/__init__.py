@@ -64,8 +64,8 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ...exceptions import (
     AlreadyResumed,
@@ -94,7 +94,7 @@ from ._sql import render, render_list
 if TYPE_CHECKING:
     from psycopg import Connection as PgConnection
 
-__all__ = ["DEFAULT_SCHEMA", "PostgresStore"]
+__all__ = ["DEFAULT_SCHEMA", "GroupCounts", "PostgresStore"]
 
 logger = logging.getLogger("celery_checkpoint.store.postgres")
 
@@ -182,23 +182,61 @@ class PostgresStore(CheckpointStore):
 
     # -- the contract ------------------------------------------------------------
 
-    def _save(self, run: RunRecord, token: int | None, create: bool) -> None:
+    # The extensions' contract: a save returns the early answer it consumed, if
+    # any. The base's public save() drops it until it grows the same return value.
+    def _save(  # type: ignore[override]
+        self, run: RunRecord, token: int | None, create: bool
+    ) -> ResumeRequest | None:
+        if run.key is None or run.status != "paused":
+            self._conn.write(
+                "save", run.run_id, lambda conn: self._save_on(conn, run, token, create)
+            )
+            return None
+        return self._conn.write(
+            "save", run.run_id, lambda conn: self._save_keyed(conn, run, token, create)
+        )
+
+    def _save_on(
+        self, conn: PgConnection[Any], run: RunRecord, token: int | None, create: bool
+    ) -> None:
         run_id = run.run_id
         params = save_params(run)
         if token is not None:
             params["token"] = token
-            if self._write_one("save", run_id, "save_token", params) is None:
+            if self._one(conn, "save_token", params) is None:
                 raise LeaseLost(run_id, f"token {token} is not the current lease")
             return
-        name = "save_create" if create else "save"
-        if self._write_one("save", run_id, name, params) is not None:
+        if self._one(conn, "save_create" if create else "save", params) is not None:
             return
-        found = self._read_one("save", run_id, "save_refused", (run_id,))
+        found = self._one(conn, "save_refused", (run_id,))
         if create:
             status = "ended" if found is not None and found[0] != "paused" else "paused"
             raise CheckpointExists(run_id, status)
         in_flight = "?" if found is None else found[1]
         raise LeaseLost(run_id, f"the run is in flight under token {in_flight}; save with it")
+
+    def _save_keyed(
+        self, conn: PgConnection[Any], run: RunRecord, token: int | None, create: bool
+    ) -> ResumeRequest | None:
+        """A pause naming a business key: unique among live runs, and it takes the
+        early answer waiting for the key, in one transaction under the key's lock."""
+        key = run.key
+        try:
+            with conn.transaction():
+                conn.execute(self._q["lock_key"], (key,))
+                holder = self._one(conn, "key_holder", (key, run.run_id))
+                if holder is not None:
+                    raise CheckpointExists(run.run_id, f"key {key!r} is held by run {holder[0]!r}")
+                self._save_on(conn, run, token, create)
+                row = self._one(conn, "consume_early_answer", (key, run.run_id, run.run_id))
+        except self._conn.psycopg.errors.UniqueViolation as exc:  # the index, as a backstop
+            raise CheckpointExists(run.run_id, f"key {key!r} is held by another run") from exc
+        if row is None:
+            return None
+        try:
+            return resume_of(row[0], row[1], "pending", None)
+        except ValueError as exc:
+            raise CorruptCheckpoint(run.run_id, f"early answer: {exc}") from exc
 
     def _exists(self, run_id: str) -> bool:
         return bool(self._read_one("exists", run_id, "exists", (run_id,))[0])
@@ -236,6 +274,15 @@ class PostgresStore(CheckpointStore):
     def _request_resume(
         self, run_id: str, request: ResumeRequest, pause_seq: int | None
     ) -> ResumeRequest:
+        return self._conn.write(
+            "request_resume",
+            run_id,
+            lambda conn: self._request_resume_on(conn, run_id, request, pause_seq),
+        )
+
+    def _request_resume_on(
+        self, conn: PgConnection[Any], run_id: str, request: ResumeRequest, pause_seq: int | None
+    ) -> ResumeRequest:
         params = {
             "run_id": run_id,
             "request": request.model_dump_json(),
@@ -243,7 +290,7 @@ class PostgresStore(CheckpointStore):
             "pause_seq": pause_seq,
             "timed_out": request.timed_out,
         }
-        row = self._write_one("request_resume", run_id, "request_resume", params)
+        row = self._one(conn, "request_resume", params)
         (accepted, status, seq, step, lease_token, *resume, ended_reason, expired) = row
         if accepted:
             return request.model_copy(update={"pause_seq": seq})
@@ -338,10 +385,16 @@ class PostgresStore(CheckpointStore):
             self._rearmed(self._write_all("recover_orphaned", "recover_dead", batch), recovered)
         return recovered
 
-    def _write_all(self, action: str, name: str, params: Any) -> builtins.list[Any]:
-        return self._conn.write(
-            action, "*", lambda conn: conn.execute(self._q[name], params).fetchall()
-        )
+    def _write_all(
+        self, action: str, name: str, params: Any, *, rows: bool = True
+    ) -> builtins.list[Any]:
+        """One statement of a pass over many runs; its rows (none if ``rows`` is False)."""
+
+        def do(conn: PgConnection[Any]) -> builtins.list[Any]:
+            cursor = conn.execute(self._q[name], params)
+            return cursor.fetchall() if rows else []
+
+        return self._conn.write(action, "*", do)
 
     def _rearmed(self, rows: builtins.list[Any], recovered: builtins.list[RunRecord]) -> None:
         for row in rows:
@@ -369,6 +422,7 @@ class PostgresStore(CheckpointStore):
         return None if row is None else decode(run_id, row)
 
     def _prune_ended(self, older_than: float) -> int:
+        self._write_all("prune_ended", "prune_early_answers", None, rows=False)
         pruned = 0
         while True:
             # Each batch is one statement: a lost reply leaves it applied whole or
@@ -466,6 +520,143 @@ class PostgresStore(CheckpointStore):
             lambda conn: conn.execute(self._q["due_timeouts"], (now,)).fetchall(),
         )
         return [row[0] for row in rows if _valid(row[0])]
+
+    # -- the extensions (STORE_EXTENSIONS.md): primitives the base calls later ------
+
+    def _due_deliveries(self, older_than: float) -> builtins.list[str]:
+        """Completed runs whose result was not delivered, last tried over
+        ``older_than`` seconds ago; each returned one is marked tried now."""
+        due: builtins.list[str] = []
+        bound: datetime | None = None
+        while True:
+            rows = self._write_all("due_deliveries", "due_deliveries", (older_than, bound, _BATCH))
+            due.extend(row[0] for row in rows)
+            if len(rows) < _BATCH:
+                return due
+            if bound is None:
+                bound = rows[0][1] - timedelta(microseconds=1)
+
+    def _mark_delivered(self, run_id: str) -> None:
+        """The run's result was delivered: it leaves the undelivered index. Idempotent."""
+        self._conn.write(
+            "mark_delivered",
+            run_id,
+            lambda conn: conn.execute(self._q["mark_delivered"], (run_id,)),
+        )
+
+    def _next_deadline(self) -> datetime | None:
+        """The earliest ``expires_at`` of a live run, from the deadline index."""
+        found: datetime | None = self._read_one("next_deadline", "*", "next_deadline", None)[0]
+        return found
+
+    def _find_key(self, key: str) -> str | None:
+        """The live run holding business key ``key``, if any."""
+        row = self._read_one("find_key", "*", "find_key", (key,))
+        return None if row is None else str(row[0])
+
+    def _answer_key(
+        self, key: str, request: ResumeRequest, ttl: float
+    ) -> tuple[str | None, ResumeRequest]:
+        """Answer the live run holding ``key``, or keep the answer for the pause that
+        will name it (``ttl`` seconds); one transaction under the key's lock."""
+
+        def answer(conn: PgConnection[Any]) -> tuple[str | None, ResumeRequest]:
+            with conn.transaction():
+                conn.execute(self._q["lock_key"], (key,))
+                holder = self._one(conn, "find_key", (key,))
+                if holder is not None:
+                    run_id = str(holder[0])
+                    return run_id, self._request_resume_on(conn, run_id, request, None)
+                kept = self._one(conn, "early_answer", (key,))
+                if kept is not None:
+                    existing = ResumeRequest.model_validate_json(kept[0])
+                    if existing.request_id != request.request_id:
+                        raise AlreadyResumed(key, existing.request_id)
+                    return None, existing
+                conn.execute(
+                    self._q["put_early_answer"],
+                    (key, request.request_id, request.model_dump_json(), ttl),
+                )
+                return None, request
+
+        return self._conn.write("answer_key", "*", answer)
+
+    def _summary(self, now: datetime) -> builtins.list[GroupCounts]:
+        """Per (task, step) with live runs: paused, in flight, pending, overdue, and
+        the oldest pause; from the counters and partial indexes."""
+        rows = self._conn.read(
+            "summary", "*", lambda conn: conn.execute(self._q["summary"], (now,)).fetchall()
+        )
+        return [
+            GroupCounts(
+                task=task,
+                step=step,
+                paused=int(paused),
+                in_flight=int(in_flight),
+                pending=int(pending),
+                overdue=int(overdue),
+                oldest_paused_at=oldest,
+            )
+            for task, step, paused, in_flight, pending, overdue, oldest in rows
+        ]
+
+    def _restore(self, run: RunRecord) -> bool:
+        """Write ``run`` exactly as given (paused or ended) where the run has no row.
+
+        True if written, False if the run already had a record. A paused record's
+        key must be free (``CheckpointExists`` otherwise); it does not take an
+        early answer waiting for its key: it is restored as it was.
+        """
+        if run.lease is not None:
+            raise ValueError(
+                f"restore of run {run.run_id!r}: it carries a lease, and in-flight runs are "
+                "never migrated"
+            )
+        params = save_params(run)
+        key = params["key"]
+
+        def restore(conn: PgConnection[Any]) -> bool:
+            with conn.transaction():
+                if key is not None:
+                    conn.execute(self._q["lock_key"], (key,))
+                    holder = self._one(conn, "key_holder", (key, run.run_id))
+                    if holder is not None:
+                        raise CheckpointExists(
+                            run.run_id, f"key {key!r} is held by run {holder[0]!r}"
+                        )
+                return self._one(conn, "restore", params) is not None
+
+        return self._conn.write("restore", run.run_id, restore)
+
+    def _iter_ended(self) -> Iterator[RunRecord]:
+        """Every ended record (tombstone), by when it ended, in pages."""
+        position: tuple[datetime, str] = (datetime.min.replace(tzinfo=timezone.utc), "")
+        while True:
+            params = (*position, _PAGE)
+            rows = self._conn.read(
+                "iter_ended",
+                "*",
+                lambda conn: conn.execute(self._q["iter_ended"], params).fetchall(),  # noqa: B023
+            )
+            for row in rows:
+                run = self._decode_or_quarantine(row[0], row, 2, "while reading ended runs")
+                if run is not None:
+                    yield run
+            if len(rows) < _PAGE:
+                return
+            position = (rows[-1][1], rows[-1][0])
+
+
+class GroupCounts(TypedDict):
+    """One (task, step) of ``_summary``; moves to the store contract with its public method."""
+
+    task: str
+    step: str
+    paused: int
+    in_flight: int
+    pending: int
+    overdue: int
+    oldest_paused_at: datetime | None
 
 
 def _valid(run_id: str) -> bool:

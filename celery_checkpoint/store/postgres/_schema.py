@@ -169,10 +169,32 @@ _COUNTS = (
     """,
 )
 
+_KEYS = (
+    # A business key names at most one live run.
+    """
+    CREATE UNIQUE INDEX runs_key ON {s}.runs (key)
+        WHERE status = 'paused' AND key IS NOT NULL
+    """,
+    # Completed runs whose result was not delivered yet, by when last tried.
+    "CREATE INDEX runs_undelivered ON {s}.runs (undelivered_at) WHERE undelivered_at IS NOT NULL",
+    # Answers that came for a key before any run paused under it.
+    """
+    CREATE TABLE {s}.early_answers (
+        key         text PRIMARY KEY,
+        request_id  text NOT NULL,
+        request     text NOT NULL,
+        created_at  timestamptz NOT NULL DEFAULT now(),
+        expires_at  timestamptz NOT NULL
+    )
+    """,
+    "CREATE INDEX early_answers_expiry ON {s}.early_answers (expires_at)",
+)
+
 #: The schema's history, oldest first.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "runs", _RUNS),
     Migration(2, "live run counts", _COUNTS),
+    Migration(3, "business keys, early answers, undelivered results", _KEYS),
 )
 
 _LOCK = "SELECT pg_advisory_xact_lock(hashtext('celery_checkpoint.schema'), hashtext(%s))"

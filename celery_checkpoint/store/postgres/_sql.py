@@ -248,6 +248,114 @@ STATEMENTS: dict[str, str] = {
     """,
 }
 
+# -- the extensions: results kept with completions, keys, summaries, migration ------
+
+STATEMENTS.update(
+    {
+        # Serialises, per business key, a pause naming it and an answer to it:
+        # of the two, one sees the other's effect, never neither.
+        "lock_key": "SELECT pg_advisory_xact_lock(hashtext('celery_checkpoint.key'), hashtext(%s))",
+        "find_key": "SELECT run_id FROM {s}.runs WHERE key = %s AND status = 'paused'",
+        "key_holder": """
+            SELECT run_id FROM {s}.runs WHERE key = %s AND status = 'paused' AND run_id <> %s
+        """,
+        # A pause naming a key takes the early answer waiting for it, as if
+        # request_resume had been called right after the save.
+        "consume_early_answer": """
+            WITH answer AS (
+                DELETE FROM {s}.early_answers e
+                WHERE e.key = %s AND e.expires_at > now() AND EXISTS (
+                    SELECT 1 FROM {s}.runs r
+                    WHERE r.run_id = %s AND r.status = 'paused' AND r.lease_token IS NULL
+                      AND NOT coalesce(r.resume_seq = r.pause_seq
+                                       AND r.resume_status = 'pending', false)
+                      AND NOT (r.on_timeout = 'expire' AND r.expires_at IS NOT NULL
+                               AND now() >= r.expires_at))
+                RETURNING e.request, e.request_id
+            )
+            UPDATE {s}.runs r SET
+                resume = answer.request, resume_id = answer.request_id, resume_seq = r.pause_seq,
+                resume_status = 'pending', resume_error = NULL, resume_sent_at = now()
+            FROM answer WHERE r.run_id = %s
+            RETURNING r.resume, r.pause_seq
+        """,
+        "early_answer": """
+            SELECT request FROM {s}.early_answers WHERE key = %s AND expires_at > now()
+        """,
+        # Replaces only an expired answer: the caller checked there is no live one.
+        "put_early_answer": """
+            INSERT INTO {s}.early_answers (key, request_id, request, expires_at)
+            VALUES (%s, %s, %s, now() + %s * interval '1 second')
+            ON CONFLICT (key) DO UPDATE SET
+                request_id = EXCLUDED.request_id, request = EXCLUDED.request,
+                created_at = now(), expires_at = EXCLUDED.expires_at
+        """,
+        "prune_early_answers": "DELETE FROM {s}.early_answers WHERE expires_at <= now()",
+        "due_deliveries": """
+            WITH due AS (
+                SELECT run_id FROM {s}.runs
+                WHERE undelivered_at IS NOT NULL
+                  AND undelivered_at <= least(now() - %s * interval '1 second',
+                                              coalesce(%s::timestamptz, 'infinity'))
+                ORDER BY undelivered_at LIMIT %s FOR UPDATE SKIP LOCKED
+            )
+            UPDATE {s}.runs r SET undelivered_at = now() FROM due WHERE r.run_id = due.run_id
+            RETURNING r.run_id, now()
+        """,
+        "mark_delivered": """
+            UPDATE {s}.runs SET undelivered_at = NULL
+            WHERE run_id = %s AND undelivered_at IS NOT NULL
+        """,
+        "next_deadline": """
+            SELECT min(expires_at) FROM {s}.runs WHERE status = 'paused' AND expires_at IS NOT NULL
+        """,
+        # Per (task, step) with live runs: the counters, then one grouped pass over
+        # each partial index (in flight, pending, overdue), and the oldest paused
+        # run found through the step index.
+        "summary": """
+            WITH live AS (
+                SELECT task_name, step, sum(live)::bigint AS n FROM {s}.run_counts
+                GROUP BY task_name, step HAVING sum(live) > 0
+            ), flying AS (
+                SELECT task_name, step, count(*) AS n FROM {s}.runs
+                WHERE lease_token IS NOT NULL GROUP BY task_name, step
+            ), pending AS (
+                SELECT task_name, step, count(*) AS n FROM {s}.runs
+                WHERE resume_status = 'pending' AND status = 'paused' AND lease_token IS NULL
+                  AND resume_seq = pause_seq
+                GROUP BY task_name, step
+            ), overdue AS (
+                SELECT task_name, step, count(*) AS n FROM {s}.runs
+                WHERE status = 'paused' AND expires_at IS NOT NULL AND expires_at < %s
+                  AND lease_token IS NULL
+                GROUP BY task_name, step
+            )
+            SELECT live.task_name, live.step, live.n - coalesce(flying.n, 0),
+                   coalesce(flying.n, 0), coalesce(pending.n, 0), coalesce(overdue.n, 0),
+                   (SELECT r.paused_at FROM {s}.runs r
+                    WHERE r.status = 'paused' AND r.step = live.step
+                      AND r.task_name = live.task_name AND r.lease_token IS NULL
+                    ORDER BY r.paused_at LIMIT 1)
+            FROM live
+            LEFT JOIN flying USING (task_name, step)
+            LEFT JOIN pending USING (task_name, step)
+            LEFT JOIN overdue USING (task_name, step)
+            ORDER BY live.task_name, live.step
+        """,
+        # A record written exactly as given, only where the run has no row at all.
+        "restore": f"""
+            INSERT INTO {{s}}.runs ({_SAVE_COLUMNS}) VALUES ({_SAVE_VALUES})
+            ON CONFLICT (run_id) DO NOTHING
+            RETURNING 1
+        """,
+        "iter_ended": f"""
+            SELECT run_id, ended_at, {ROW} FROM {{s}}.runs
+            WHERE status <> 'paused' AND (ended_at, run_id) > (%s, %s)
+            ORDER BY ended_at, run_id LIMIT %s
+        """,
+    }
+)
+
 #: list() orders: the sort column, and the direction.
 LIST_ORDERS: dict[str | None, tuple[str, str]] = {
     None: ("paused_at", "ASC"),

@@ -98,7 +98,8 @@ __all__ = ["DEFAULT_SCHEMA", "GroupCounts", "PostgresStore"]
 
 logger = logging.getLogger("celery_checkpoint.store.postgres")
 
-_PAGE = 200  # runs read per round trip by list()
+_PAGE = 200  # runs read per round trip by list() (and the walk over tombstones)
+_FIRST_PAGE = 50  # list()'s first page: a page of an inbox or an API is often all it takes
 _BATCH = 500  # runs taken per statement by the passes over many runs
 
 
@@ -440,8 +441,9 @@ class PostgresStore(CheckpointStore):
         position: tuple[Any, str] | None = None
         if after is not None:
             position = (datetime.fromisoformat(after[0]), after[1])
+        size = _FIRST_PAGE
         while True:
-            rows = self._list_page(where, order, position)
+            rows = self._list_page(where, order, position, size)
             for row in rows:
                 run_id = row[0]
                 run = self._decode_or_quarantine(run_id, row, 2, "while listing")
@@ -456,12 +458,13 @@ class PostgresStore(CheckpointStore):
                 # Filtered again here: the columns hold names with NUL replaced.
                 if where.matches(run, None):
                     yield RunInfo(run=run, lease=lease)
-            if len(rows) < _PAGE:
+            if len(rows) < size:
                 return
             position = (rows[-1][1], rows[-1][0])
+            size = _PAGE
 
     def _list_page(
-        self, where: RunFilter, order: str | None, position: tuple[Any, str] | None
+        self, where: RunFilter, order: str | None, position: tuple[Any, str] | None, size: int
     ) -> builtins.list[Any]:
         """One page of ``list`` from where the previous one ended (``position``)."""
         shape = (
@@ -480,7 +483,7 @@ class PostgresStore(CheckpointStore):
             params.append(float(where.older_than))
         if position is not None:
             params.extend(position)
-        params.append(_PAGE)
+        params.append(size)
 
         def page(conn: PgConnection[Any]) -> builtins.list[Any]:
             query = self._lists.get(shape)

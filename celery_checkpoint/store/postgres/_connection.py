@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from ...exceptions import ImproperlyConfigured, StoreUnavailable
 from ._schema import SCHEMA_NAME
@@ -94,10 +94,15 @@ def redact(url: str) -> str:
 
 
 def _split_url(url: str, schema: str | None) -> tuple[str, str]:
-    """The libpq connection URL (our own parameters taken out) and the schema."""
+    """The libpq connection URL (our own parameters taken out) and the schema.
+
+    The other parameters are passed on byte for byte: libpq decodes only %XX,
+    so re-encoding them (a space as '+') would change what they say.
+    """
     base, _, query = url.partition("?")
-    pairs = parse_qsl(query, keep_blank_values=True)
-    in_url = [value for key, value in pairs if key == "schema"]
+    items = [item for item in query.split("&") if item]
+    ours = [item for item in items if item.partition("=")[0] == "schema"]
+    in_url = [unquote(item.partition("=")[2]) for item in ours]
     if in_url and schema is not None and schema != in_url[-1]:
         raise ImproperlyConfigured(
             f"two schemas for the PostgreSQL store: {in_url[-1]!r} in the URL and "
@@ -109,11 +114,11 @@ def _split_url(url: str, schema: str | None) -> tuple[str, str]:
             f"invalid schema name {chosen!r} for the PostgreSQL store: use 1-63 characters "
             "of [A-Za-z0-9_], not starting with a digit"
         )
-    kept = [(key, value) for key, value in pairs if key != "schema"]
-    if not any(key == "connect_timeout" for key, _ in kept):
-        kept.append(("connect_timeout", "10"))
+    kept = [item for item in items if item not in ours]
+    if not any(item.partition("=")[0] == "connect_timeout" for item in kept):
+        kept.append("connect_timeout=10")
     # Cut the query by hand: urlunsplit would turn "postgresql:///db" into "postgresql:/db".
-    return f"{base}?{urlencode(kept)}", chosen
+    return f"{base}?{'&'.join(kept)}", chosen
 
 
 class Connection:
@@ -174,7 +179,12 @@ class Connection:
         )
 
     def _configure(self, conn: PgConnection[Any]) -> None:
-        conn.execute("SET TIME ZONE 'UTC'")  # timestamps come back as UTC datetimes
+        # Timestamps come back as UTC datetimes. Each statement is prepared on its
+        # second use and then runs a generic plan: every one is a lookup by key or a
+        # walk of a partial index, so planning it again per call (PostgreSQL's
+        # default for the first executions) would only cost time.
+        conn.execute("SET TIME ZONE 'UTC'; SET plan_cache_mode = force_generic_plan")
+        conn.prepare_threshold = 1
         self._connections.add(conn)
 
     def _alive(self, conn: PgConnection[Any]) -> bool:

@@ -559,6 +559,25 @@ def test_the_schema_may_be_given_as_an_option_and_is_quoted(schema: Schema) -> N
         schema.sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
+def test_libpq_options_in_the_url_reach_the_server_as_written(schema: Schema) -> None:
+    # A space written %20 and an '=' written %3D: libpq decodes them, nobody else may.
+    url = f"{schema.url}&options=-c%20statement_timeout%3D12345&application_name=cc%2Bopts"
+    store = CheckpointStore.open(url)
+    try:
+        store.save(_record("r1"))
+        found = schema.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'cc+opts'"
+        )
+        assert found[0][0] >= 1, "the pool's connections carry the application name"
+        assert isinstance(store, PostgresStore)
+        shown = store._conn.read(
+            "show", "*", lambda conn: conn.execute("SHOW statement_timeout").fetchone()
+        )
+        assert shown == ("12345ms",)
+    finally:
+        store.close()
+
+
 def test_a_missing_driver_names_the_extra_to_install(tmp_path: Any) -> None:
     script = (
         "import sys\n"

@@ -578,6 +578,17 @@ def test_libpq_options_in_the_url_reach_the_server_as_written(schema: Schema) ->
         store.close()
 
 
+def test_a_session_that_commits_without_waiting_for_the_disk_is_warned_about(
+    schema: Schema, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="celery_checkpoint.store.postgres"):
+        CheckpointStore.open(schema.url).close()
+        assert not caplog.records
+        CheckpointStore.open(f"{schema.url}&options=-c%20synchronous_commit%3Doff").close()
+    [warning] = caplog.records
+    assert "synchronous_commit = off" in warning.getMessage()
+
+
 def test_a_missing_driver_names_the_extra_to_install(tmp_path: Any) -> None:
     script = (
         "import sys\n"

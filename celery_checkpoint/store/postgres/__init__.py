@@ -5,7 +5,9 @@ Open it with ``CheckpointStore.open("postgresql://user:pass@host:5432/db")``
 through). Tables live in the schema ``?schema=`` names (default
 ``celery_checkpoint``), created with them on first open. Needs
 ``pip install 'celery-checkpoint[postgres]'`` (psycopg 3 and psycopg_pool) and
-PostgreSQL 13 or newer.
+PostgreSQL 12 or newer (tested with 15). Pass ``schema=`` in code instead of the
+URL if you like; ``pool_size`` (default 4) sizes the connection pool and
+``timeout`` (seconds, default 10) bounds the wait for a free connection.
 
 Atomicity and contention
     Every transition -- save, claim, request_resume, heartbeat, complete,
@@ -17,7 +19,9 @@ Atomicity and contention
     locks one run row; the passes over many runs (recovery, due resumes,
     pruning) take their batches with ``FOR UPDATE SKIP LOCKED``. No transaction
     waits for a lock while holding another run's, so workers on many machines
-    never deadlock.
+    never deadlock. A pause naming a business key, and an answer to a key, are
+    short transactions under an advisory lock on the key, taken first: of a
+    racing pause and answer, one sees the other.
 
 Clocks
     Lease expiry, deadlines (``expires_at`` in ``request_resume``, due
@@ -29,7 +33,9 @@ Faults
     error. Reads are retried twice with backoff; a transition is never sent
     again behind the caller's back: if its reply is lost it was applied whole or
     not at all, and the caller decides (``complete`` and ``request_resume`` are
-    idempotent by contract, so sending them again is safe).
+    idempotent by contract, so sending them again is safe). A pooled connection
+    the server closed while it sat idle (a restart, ``pg_terminate_backend``) is
+    noticed without a round trip and replaced before a call is sent on it.
 
 Durability
     A returned write is committed. With the server's defaults (``fsync = on``,
@@ -37,7 +43,8 @@ Durability
     database server; ``synchronous_commit = off`` (for the database, the role
     or the server) can lose the last fraction of a second of writes, and a
     replica promoted after an asynchronous failover can lose what it had not
-    received. Never run checkpoints with ``fsync = off``.
+    received. Never run checkpoints with ``fsync = off``. Opening the store logs
+    a warning when the session it gets has either turned off.
 
 Layout (see ``_schema.py``)
     ``runs``: one row per run, paused, in flight (the ``lease_*`` columns set)
@@ -46,14 +53,14 @@ Layout (see ``_schema.py``)
     ``corrupt_runs``: records moved aside because they did not parse;
     ``run_counts``: live runs per task and step, kept by triggers;
     ``early_answers``: answers for a business key that came before its pause;
-    ``schema_migrations``: the schema's version. Every index is partial, so
-    recovery, due timeouts and resumes, key lookups and ``list`` never read the
-    paused runs at large, and ``count`` reads a few counter rows.
+    ``schema_migrations``: the schema's version. Every secondary index is
+    partial, so recovery, due timeouts and resumes, key lookups and ``list``
+    never read the paused runs at large, and ``count`` reads a few counter rows.
+    ``record`` is TEXT holding JSON: query it with ``record::jsonb``.
 
 Forks
     The connection pool is made again in a forked child (prefork workers); the
-    parent's connections are left alone. Pass ``pool_size`` (default 4) to size
-    it, ``timeout`` for how long a call waits for a free connection.
+    parent's connections are left alone.
 """
 
 from __future__ import annotations
@@ -127,6 +134,7 @@ class PostgresStore(CheckpointStore):
             except self._conn.errors as exc:
                 raise self._conn.unavailable("open", "*", exc) from exc
             self._q = render(conn, self.schema)
+            self._warn_if_not_durable(conn)
         finally:
             conn.close()
         self._lists: dict[tuple[Any, ...], bytes] = {}
@@ -135,6 +143,27 @@ class PostgresStore(CheckpointStore):
 
     def __repr__(self) -> str:
         return f"PostgresStore({self._conn.display!r}, schema={self.schema!r})"
+
+    def _warn_if_not_durable(self, conn: PgConnection[Any]) -> None:
+        try:
+            row = conn.execute(
+                "SELECT current_setting('fsync'), current_setting('synchronous_commit')"
+            ).fetchone()
+        except self._conn.errors as exc:
+            raise self._conn.unavailable("open", "*", exc) from exc
+        fsync, synchronous = row if row is not None else ("on", "on")
+        if fsync == "off":
+            logger.warning(
+                "PostgreSQL at %s runs with fsync = off: a crash of the server can lose or "
+                "corrupt checkpoints. Turn it on for any database that holds them",
+                self._conn.display,
+            )
+        if synchronous == "off":
+            logger.warning(
+                "PostgreSQL at %s commits checkpoint writes with synchronous_commit = off: a "
+                "crash of the server loses the last writes it acknowledged",
+                self._conn.display,
+            )
 
     def close(self) -> None:
         self._conn.close()

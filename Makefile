@@ -28,8 +28,10 @@ lint: $(STAMP)
 
 ## bench: run the benchmarks and print the comparison tables
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/store_bench.py
 	$(BIN)/python bench/redis_bench.py
+	$(BIN)/python bench/postgres_bench.py
 	$(BIN)/python bench/celery_bench.py
 
 clean:

@@ -30,6 +30,7 @@ database of its own on the server (``cc_bench_<random>``) and drops it at the en
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import platform
@@ -122,8 +123,8 @@ class LangGraphCycles:
         saver = self.saver
         for config, checkpoint in work:
             versions = checkpoint["channel_versions"]
-            saver.put(config, checkpoint, {"source": "input", "step": 1}, versions)  # type: ignore[arg-type]
-            found = saver.get_tuple(config)  # type: ignore[arg-type]
+            saver.put(config, checkpoint, {"source": "input", "step": 1}, versions)
+            found = saver.get_tuple(config)
             assert found is not None
             saver.delete_thread(config["configurable"]["thread_id"])
 
@@ -258,8 +259,8 @@ def compare(
 ) -> list[tuple[str, float, float]]:
     rows = []
     for name, check in checks.items():
-        a = median_of(7, lambda c=check: c(small))  # type: ignore[misc]
-        b = median_of(7, lambda c=check: c(large))  # type: ignore[misc]
+        a = median_of(7, functools.partial(check, small))
+        b = median_of(7, functools.partial(check, large))
         rows.append((name, a, b))
     print(f"\n{title}\n")
     print("| operation | small | large | large / small | target <= 2x |")

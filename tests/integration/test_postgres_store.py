@@ -559,6 +559,11 @@ def test_the_schema_may_be_given_as_an_option_and_is_quoted(schema: Schema) -> N
         schema.sql(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
+def test_an_option_libpq_does_not_know_is_a_configuration_error(schema: Schema) -> None:
+    with pytest.raises(ImproperlyConfigured, match='invalid URI query parameter: "bogus"'):
+        CheckpointStore.open(f"{schema.url}&bogus=1")
+
+
 def test_libpq_options_in_the_url_reach_the_server_as_written(schema: Schema) -> None:
     # A space written %20 and an '=' written %3D: libpq decodes them, nobody else may.
     url = f"{schema.url}&options=-c%20statement_timeout%3D12345&application_name=cc%2Bopts"

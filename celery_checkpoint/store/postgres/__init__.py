@@ -238,11 +238,12 @@ class PostgresStore(CheckpointStore):
             return
         if self._one(conn, "save_create" if create else "save", params) is not None:
             return
+        # Refused; the row as it is now, for the message (it may have moved on since).
         found = self._one(conn, "save_refused", (run_id,))
         if create:
-            status = "ended" if found is not None and found[0] != "paused" else "paused"
+            status = "paused" if found is not None and found[0] == "paused" else "ended"
             raise CheckpointExists(run_id, status)
-        in_flight = "?" if found is None else found[1]
+        in_flight = "?" if found is None or found[1] is None else found[1]
         raise LeaseLost(run_id, f"the run is in flight under token {in_flight}; save with it")
 
     def _save_keyed(

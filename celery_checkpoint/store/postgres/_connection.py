@@ -162,7 +162,11 @@ class Connection:
             raise ImproperlyConfigured(f"bad PostgreSQL URL {self.display!r}: {exc}") from exc
         except self.errors as exc:
             raise self.unavailable("open", "*", exc) from exc
-        self._configure(conn)
+        try:
+            self._configure(conn)
+        except self.errors as exc:
+            conn.close()
+            raise self.unavailable("open", "*", exc) from exc
         return conn
 
     def open_pool(self) -> None:

@@ -30,7 +30,6 @@ database of its own on the server (``cc_bench_<random>``) and drops it at the en
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import os
 import platform
@@ -246,22 +245,25 @@ class Population:
         return time.perf_counter() - t0
 
 
-def median_of(repeat: int, measure_once: Callable[[], float]) -> float:
-    measure_once()  # warm: plans cached, statements prepared, pages in memory
-    return statistics.median(measure_once() for _ in range(repeat))
-
-
 def compare(
     title: str,
     small: Population,
     large: Population,
     checks: dict[str, Callable[[Population], float]],
+    repeat: int = 15,
 ) -> list[tuple[str, float, float]]:
+    """Median seconds of each check on both populations, measured alternately (so a
+    burst of load on the machine hits both), after one warm-up call each."""
     rows = []
     for name, check in checks.items():
-        a = median_of(7, functools.partial(check, small))
-        b = median_of(7, functools.partial(check, large))
-        rows.append((name, a, b))
+        check(small)  # warm: plans cached, statements prepared, pages in memory
+        check(large)
+        times: tuple[list[float], list[float]] = ([], [])
+        for r in range(repeat):
+            order = (0, 1) if r % 2 else (1, 0)
+            for which in order:
+                times[which].append(check((small, large)[which]))
+        rows.append((name, statistics.median(times[0]), statistics.median(times[1])))
     print(f"\n{title}\n")
     print("| operation | small | large | large / small | target <= 2x |")
     print("|---|---:|---:|---:|---|")

@@ -35,7 +35,7 @@ from celery_checkpoint import (
     PausedWorkflow,
     StoreUnavailable,
 )
-from celery_checkpoint.model import utcnow
+from celery_checkpoint.model import ResumeRequest, utcnow
 from celery_checkpoint.store.postgres import PostgresStore
 from celery_checkpoint.store.postgres._schema import MIGRATIONS, migrate
 from tests.integration.helpers import ROOT
@@ -422,13 +422,18 @@ def _end_sessions_mid_statement(
     return raised[0]
 
 
-@pytest.mark.parametrize("transition", ["claim", "heartbeat", "complete", "request_resume"])
+@pytest.mark.parametrize(
+    "transition",
+    ["claim", "heartbeat", "complete", "request_resume", "keyed save", "answer to a key"],
+)
 def test_a_transition_whose_session_is_ended_mid_statement_raises_and_changes_nothing(
     schema: Schema, transition: str
 ) -> None:
     victim = f"cc-mid-{uuid4().hex[:8]}"
     store = CheckpointStore.open(f"{schema.url}&application_name={victim}")
-    store.save(_record("r1"))
+    assert isinstance(store, PostgresStore)
+    store.save(_record("r1", key="order:1"))
+    answer = ResumeRequest(request_id="evt-1", input={"paid": True}, pause_seq=0)
     token = 0
     if transition in ("heartbeat", "complete"):
         run = store.claim("r1", lease_seconds=3600)
@@ -439,6 +444,10 @@ def test_a_transition_whose_session_is_ended_mid_statement_raises_and_changes_no
         "heartbeat": lambda: store.heartbeat("r1", token, lease_seconds=7200),
         "complete": lambda: store.complete("r1", token=token),
         "request_resume": lambda: store.request_resume("r1", {"ok": True}, "req-1"),
+        # The two short transactions (under the key's lock) that pauses and answers
+        # naming a business key take.
+        "keyed save": lambda: store.save(_record("r1", key="order:1", step="again")),
+        "answer to a key": lambda: store._answer_key("order:1", answer, 60),
     }
     before = (store.load("r1"), store.lease("r1"), store.ended("r1"))
     raised = _end_sessions_mid_statement(schema, victim, "r1", calls[transition])

@@ -6,6 +6,10 @@ edited, a change is a new one at the end. Opening a store brings its schema up
 to the newest version under an advisory lock, so several workers opening at
 once apply each migration exactly once, and refuses a schema newer than this
 package knows (written by a newer release) with ``ImproperlyConfigured``.
+Pending migrations run in one transaction: a failed one leaves the schema at
+its previous version. One that builds an index holds writes to the table back
+while it runs, which on a large table can take a while: roll a new release out
+when that pause is acceptable.
 
 In the statements ``{s}`` is the store's schema, quoted by ``psycopg.sql``.
 """

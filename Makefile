@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/redis_bench.py
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/sqlite_bench.py
+	$(BIN)/python bench/postgres_bench.py
 	$(BIN)/python bench/celery_bench.py
 	$(BIN)/python bench/timers_bench.py
 

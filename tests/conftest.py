@@ -7,6 +7,7 @@ import shutil
 import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
+from uuid import uuid4
 
 import pytest
 
@@ -14,6 +15,8 @@ if TYPE_CHECKING:
     from tests.redis_cluster import RedisCluster
 
 IN_CI = bool(os.environ.get("CI"))
+#: The PostgreSQL server the tests use; each session makes a database of its own there.
+POSTGRES_SERVER = "postgresql://postgres@127.0.0.1:5432"
 
 
 def require_server(name: str, host: str, port: int) -> None:
@@ -56,3 +59,18 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     cluster = start_cluster(tmp_path_factory.mktemp("redis-cluster"))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """The URL of a database made for this test session, dropped at its end."""
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    psycopg = pytest.importorskip("psycopg")
+    name = f"cc_test_{uuid4().hex[:12]}"
+    with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{POSTGRES_SERVER}/{name}"
+    finally:
+        with psycopg.connect(f"{POSTGRES_SERVER}/postgres", autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -72,12 +72,16 @@ __all__ = [
 #: scheme -> "module:Class"; a plain path means the file backend.
 BACKENDS: dict[str, str] = {
     "file": "celery_checkpoint.store.file:FileStore",
+    "postgres": "celery_checkpoint.store.postgres:PostgresStore",
+    "postgresql": "celery_checkpoint.store.postgres:PostgresStore",
     "sqlite": "celery_checkpoint.store.sqlite:SqliteStore",
     "redis": "celery_checkpoint.store.redis:RedisStore",
     "rediss": "celery_checkpoint.store.redis:RedisStore",
     "unix": "celery_checkpoint.store.redis:RedisStore",
 }
-_URL_WITHOUT_SLASHES = re.compile(r"(file|sqlite|redis|rediss|unix):(?!//)", re.IGNORECASE)
+_URL_WITHOUT_SLASHES = re.compile(
+    r"(file|sqlite|redis|rediss|unix|postgres|postgresql):(?!//)", re.IGNORECASE
+)
 _END_STATUSES = ("cancelled", "expired", "failed")
 
 

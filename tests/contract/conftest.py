@@ -2,10 +2,11 @@
 
 Every test that asks for ``store`` or ``store_factory`` runs once per backend:
 ``[file]`` on a fresh directory, ``[sqlite]`` on a fresh database file,
-``[redis]`` under a fresh key prefix in
-database 15 of ``127.0.0.1:6379``, and ``[redis-cluster]`` under a fresh key
-prefix on a private three-primary Redis Cluster started once per session. A
-backend is done when this suite passes unchanged.
+``[redis]`` under a fresh key prefix in database 15 of ``127.0.0.1:6379``,
+``[redis-cluster]`` under a fresh key prefix on a private three-primary Redis
+Cluster started once per session, and ``[postgres]`` in a fresh schema of a
+database made for the session on ``127.0.0.1:5432``. A backend is done when
+this suite passes unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def _redis_backend_built() -> bool:
         pytest.param("sqlite", id="sqlite"),
         pytest.param("redis", id="redis", marks=pytest.mark.redis),
         pytest.param("redis-cluster", id="redis-cluster", marks=pytest.mark.redis),
+        pytest.param("postgres", id="postgres", marks=pytest.mark.postgres),
     ]
 )
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreFactory]:
@@ -48,6 +50,16 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
         factory = StoreFactory("sqlite", f"sqlite:///{tmp_path / 'store.db'}")
         yield factory
         factory.close_all()
+        return
+
+    if request.param == "postgres":
+        database = request.getfixturevalue("postgres_database")
+        factory = StoreFactory("postgres", f"{database}?schema=t_{uuid4().hex}")
+        try:
+            yield factory
+        finally:
+            factory.close_all()
+            factory.drop_schema()
         return
 
     if not _redis_backend_built():
@@ -68,5 +80,6 @@ def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[St
 
 @pytest.fixture
 def store(store_factory: StoreFactory) -> CheckpointStore:
-    """The store under test, one per backend; closed (redis: its keys deleted) afterwards."""
+    """The store under test, one per backend; closed (redis: its keys deleted; postgres:
+    its schema dropped) afterwards."""
     return store_factory()

@@ -24,7 +24,8 @@ class StoreFactory:
     """Opens another instance of the store under test; picklable for child processes.
 
     Each call is a separate client on the same data (a new ``FileStore`` on the
-    same directory, a new Redis connection under the same key prefix).
+    same directory, a new Redis connection under the same key prefix, a new
+    connection pool on the same PostgreSQL schema).
     """
 
     backend: str
@@ -49,9 +50,45 @@ class StoreFactory:
 
     @property
     def prefix(self) -> str:
-        """The key prefix (redis backend only)."""
+        """The key prefix (redis), or the schema (postgres): what holds all the store's data."""
+        if self.backend == "postgres":
+            return self.schema
         assert self.backend == "redis", "only the redis backend has a key prefix"
         return str(self.options["prefix"])
+
+    @property
+    def schema(self) -> str:
+        """The store's schema (postgres backend only)."""
+        assert self.backend == "postgres", "only the postgres backend has a schema"
+        return self.target.rpartition("schema=")[2]
+
+    @property
+    def database(self) -> str:
+        """The URL of the store's database without the schema (postgres backend only)."""
+        assert self.backend == "postgres", "only the postgres backend has a database"
+        return self.target.partition("?")[0]
+
+    def postgres_rows(self) -> list[bytes]:
+        """Every row of every table in the store's schema, as ``table:json`` (postgres only)."""
+        import psycopg
+
+        found: list[bytes] = []
+        with psycopg.connect(self.database, autocommit=True) as conn:
+            tables = conn.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                (self.schema,),
+            ).fetchall()
+            for (table,) in tables:
+                query = f'SELECT to_jsonb(t)::text FROM "{self.schema}"."{table}" AS t'
+                found += [f"{table}:{row}".encode() for (row,) in conn.execute(query)]
+        return sorted(found)
+
+    def drop_schema(self) -> None:
+        """Drop the store's schema and everything in it (postgres backend only)."""
+        import psycopg
+
+        with psycopg.connect(self.database, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
 
     def redis_client(self) -> Any:
         """A plain client on the store's server: a cluster client if it is a cluster."""
@@ -69,7 +106,11 @@ class StoreFactory:
         return redis.cluster.RedisCluster.from_url(self.target)
 
     def scan_keys(self, pattern: str) -> list[bytes]:
-        """Every key matching ``pattern``, on every node (redis backend only)."""
+        """Every key matching ``pattern``, on every node (redis backend); on the
+        postgres backend every row of the store's schema (the pattern names it)."""
+        if self.backend == "postgres":
+            assert pattern == self.schema + "*", pattern
+            return self.postgres_rows()
         client = self.redis_client()
         try:
             return list(client.scan_iter(match=pattern, count=1000))

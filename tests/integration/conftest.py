@@ -3,8 +3,9 @@
 Each test gets a fresh :class:`~tests.integration.proj.Settings`: its own queue,
 its own Redis key prefix (broker, results and the Redis store all live under
 it in database 15), its own marker directory and store. ``broker`` runs every
-test on the Redis broker and on RabbitMQ; ``store_kind`` on the file store, the
-SQLite store and the Redis store. Teardown stops the workers (SIGTERM, then SIGKILL of the
+test on the Redis broker and on RabbitMQ; ``store_kind`` on the file store,
+the SQLite store, the Redis store and the PostgreSQL store (a schema of its own
+in the session's database). Teardown stops the workers (SIGTERM, then SIGKILL of the
 whole process group), deletes the queue and every key under the prefix.
 """
 
@@ -57,8 +58,17 @@ def broker(request: pytest.FixtureRequest) -> str:
     return REDIS_URL
 
 
-@pytest.fixture(params=["file", "sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+@pytest.fixture(
+    params=[
+        "file",
+        "sqlite",
+        pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def store_kind(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgres":
+        request.getfixturevalue("postgres_database")  # skips, or fails under CI, if absent
     if request.param == "redis":
         require_server("Redis", "127.0.0.1", 6379)
         missing = redis_store_missing()
@@ -73,10 +83,11 @@ def make_settings(
     tmp_path: Path,
     *,
     redis_store_url: str = REDIS_URL,
+    postgres_database: str | None = None,
     **options: Any,
 ) -> Settings:
-    """``store_kind`` "file", "sqlite", or a Redis store at ``redis_store_url`` (a cluster
-    node too)."""
+    """``store_kind`` "file", "sqlite", a Redis store at ``redis_store_url`` (a cluster
+    node too), or "postgres": a schema of its own in ``postgres_database``."""
     prefix = f"cc-it-{uuid4().hex[:12]}"
     markers = tmp_path / "markers"
     markers.mkdir()
@@ -84,6 +95,9 @@ def make_settings(
         store = str(tmp_path / "store")
     elif store_kind == "sqlite":
         store = f"sqlite:///{tmp_path / 'store.db'}"
+    elif store_kind == "postgres":
+        assert postgres_database is not None
+        store = f"{postgres_database}?schema={prefix.replace('-', '_')}"
     else:
         store = f"{redis_store_url}?prefix={prefix}:store:"
     return Settings(
@@ -98,8 +112,11 @@ def make_settings(
 
 
 @pytest.fixture
-def settings(broker: str, store_kind: str, tmp_path: Path) -> Iterator[Settings]:
-    settings = make_settings(broker, store_kind, tmp_path)
+def settings(
+    broker: str, store_kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Settings]:
+    database = request.getfixturevalue("postgres_database") if store_kind == "postgres" else None
+    settings = make_settings(broker, store_kind, tmp_path, postgres_database=database)
     yield settings
     delete_redis_keys(REDIS_URL, settings.prefix)
 

@@ -45,9 +45,14 @@ ROUNDS = 10
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 
-@pytest.fixture(params=["file", "redis", "redis-cluster"])
+@pytest.fixture(
+    params=["file", "redis", "redis-cluster", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
 def store_kind(request: pytest.FixtureRequest) -> str:
-    """The file store, the Redis store, and the Redis store on a three-primary cluster."""
+    """The file store, the Redis store, the Redis store on a three-primary cluster, and
+    the PostgreSQL store."""
+    if request.param == "postgres":
+        return "postgres"
     if request.param != "file":
         missing = redis_store_missing()
         if missing:
@@ -62,11 +67,13 @@ def settings(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) ->
     store_url = REDIS_URL
     if store_kind == "redis-cluster":
         store_url = request.getfixturevalue("redis_cluster").url
+    database = request.getfixturevalue("postgres_database") if store_kind == "postgres" else None
     settings = make_settings(
         REDIS_URL,
         store_kind,
         tmp_path,
         redis_store_url=store_url,
+        postgres_database=database,
         lease_seconds=2.0,
         recovery_interval=0.5,
         acks_late=True,

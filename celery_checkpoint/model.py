@@ -41,6 +41,7 @@ __all__ = [
     "Via",
     "corrupt_detail",
     "utcnow",
+    "validate_key",
     "validate_run_id",
 ]
 
@@ -66,6 +67,27 @@ Via = Literal["code", "cli", "api", "inbox", "link", "webhook", "timeout"]
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+_KEY = re.compile(r"[A-Za-z0-9_:@+=/-][A-Za-z0-9_.:@+=/-]{0,199}")
+
+
+def validate_key(key: object) -> str:
+    """Return ``key`` if it is a valid business key; raise :class:`InvalidRunId`.
+
+    Allowed: 1-200 characters of ``[A-Za-z0-9_.:@+=/-]``, not starting with
+    ``.``: room for ``provider:id`` forms such as ``stripe:pi_3Nk2...`` or
+    ``docusign:envelope/4f1c``.
+    """
+    if not isinstance(key, str):
+        raise InvalidRunId(f"key must be a string, not {type(key).__name__}")
+    if not _KEY.fullmatch(key):
+        shown = key if len(key) <= 60 else key[:57] + "..."
+        raise InvalidRunId(
+            f"invalid key {shown!r}: use 1-200 characters of [A-Za-z0-9_.:@+=/-], "
+            "not starting with '.'"
+        )
+    return key
 
 
 def validate_run_id(run_id: object) -> str:

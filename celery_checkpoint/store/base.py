@@ -23,7 +23,6 @@ here that a backend may replace with a cheaper one.
 
 from __future__ import annotations
 
-import abc
 import builtins
 import importlib
 import os
@@ -45,8 +44,10 @@ from ..model import (
     RunRecord,
     Via,
     utcnow,
+    validate_key,
     validate_run_id,
 )
+from ._backend import Backend
 from ._shapes import (
     GroupCounts,
     Order,
@@ -85,7 +86,7 @@ _URL_WITHOUT_SLASHES = re.compile(
 _END_STATUSES = ("cancelled", "expired", "failed")
 
 
-class CheckpointStore(abc.ABC):
+class CheckpointStore(Backend):
     """A checkpoint store. ``CheckpointStore.open(target)`` picks the backend."""
 
     #: the URL scheme(s) this backend serves, for error messages
@@ -137,7 +138,9 @@ class CheckpointStore(abc.ABC):
 
     # -- the contract ------------------------------------------------------
 
-    def save(self, run: RunRecord, *, token: int | None = None, create: bool = False) -> None:
+    def save(
+        self, run: RunRecord, *, token: int | None = None, create: bool = False
+    ) -> ResumeRequest | None:
         """Persist ``run`` atomically and durably.
 
         Without ``token``: create or overwrite the run's checkpoint (a first
@@ -149,11 +152,18 @@ class CheckpointStore(abc.ABC):
         the old one and the lease ends in the same step. Raises
         ``LeaseLost`` (nothing changed) if ``token`` is stale, and
         ``StoreUnavailable`` on I/O failure (the previous checkpoint intact).
+
+        A pause naming a business key (``run.key``): the key must not be held
+        by another live run (``CheckpointExists``, nothing changed); an early
+        answer kept for the key (:meth:`answer_key`) is consumed in the same
+        step, attached as the run's pending resume request, and returned.
         """
         validate_run_id(run.run_id)
+        if run.key is not None:
+            validate_key(run.key)
         if create and token is not None:
             raise ValueError("save(create=True) is a first pause: it takes no token")
-        self._save(run, token, create)
+        return self._save(run, token, create)
 
     def exists(self, run_id: str) -> bool:
         """Whether the run has any record, paused, in flight or ended, without
@@ -226,8 +236,12 @@ class CheckpointStore(abc.ABC):
         """Extend the lease from now; ``LeaseLost`` if ``token`` is stale."""
         return self._heartbeat(validate_run_id(run_id), token, self._lease_seconds(lease_seconds))
 
-    def complete(self, run_id: str, *, token: int | None = None) -> None:
+    def complete(self, run_id: str, *, token: int | None = None, result: str | None = None) -> None:
         """The body finished: the run ends as completed, keeping a tombstone. Idempotent.
+
+        ``result`` is the body's value as text (kombu's JSON): the tombstone
+        keeps it, and the run waits in an undelivered index until
+        :meth:`mark_delivered` says Celery stored it (see :meth:`due_deliveries`).
 
         A run whose lease already ended by a re-pause ``save`` keeps its fresh
         paused record. With a ``token`` that is not the current lease's,
@@ -235,7 +249,18 @@ class CheckpointStore(abc.ABC):
         dropped whatever its token (an operator's action) and a run that is not
         in flight is left as it is.
         """
-        self._complete(validate_run_id(run_id), token)
+        self._complete(validate_run_id(run_id), token, result)
+
+    def due_deliveries(self, older_than: float) -> builtins.list[str]:
+        """Runs completed with a result that no worker has said was delivered,
+        completed (or last returned here) over ``older_than`` seconds ago; each
+        returned id is marked returned now, as :meth:`due_resumes` does."""
+        return self._due_deliveries(float(older_than))
+
+    def mark_delivered(self, run_id: str) -> None:
+        """Celery stored the completed run's result: it leaves the undelivered
+        index (the tombstone keeps the result). Idempotent; unknown runs: no-op."""
+        self._mark_delivered(validate_run_id(run_id))
 
     def release(self, run_id: str, token: int, *, error: str | None = None) -> None:
         """The body failed: IN-FLIGHT -> PAUSED with nothing lost.
@@ -356,12 +381,60 @@ class CheckpointStore(abc.ABC):
         ``due_timeouts`` (deadline passed, timeout not run yet)."""
         return self._stats()
 
+    def find_key(self, key: str) -> str | None:
+        """The id of the live (paused or in-flight) run whose pause names ``key``."""
+        return self._find_key(validate_key(key))
+
+    def answer_key(
+        self,
+        key: str,
+        input: JsonValue,
+        request_id: str,
+        *,
+        ttl: float,
+        actor: str | None = None,
+        via: Via = "webhook",
+    ) -> tuple[str | None, ResumeRequest]:
+        """Answer whichever run waits on ``key``, or keep the answer until one does.
+
+        A live run holding the key: exactly ``request_resume`` on it (same rules,
+        same errors), returning ``(run_id, request)``. None: the answer is kept
+        for ``ttl`` seconds and ``(None, request)`` returned; a pause naming the
+        key consumes it in its save. Per key one answer is kept: the same
+        ``request_id`` again returns it, another raises ``AlreadyResumed``.
+        Answer and pause racing happen in one order or the other, never both
+        and never neither.
+        """
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError("answer_key needs a non-empty request id")
+        if not ttl > 0:
+            raise ValueError(f"ttl must be a positive number of seconds, not {ttl!r}")
+        request = ResumeRequest(
+            request_id=request_id, input=input, pause_seq=0, actor=actor, via=via
+        )
+        return self._answer_key(validate_key(key), request, float(ttl))
+
+    def restore(self, run: RunRecord) -> bool:
+        """Write ``run`` exactly as given (paused, or ended as a tombstone, with its
+        indexes) if the store has no record of it; True if written. For moving
+        runs between stores: a run in flight (``run.lease`` set) is refused."""
+        validate_run_id(run.run_id)
+        if run.lease is not None:
+            raise ValueError(f"run {run.run_id!r} is in flight: only paused and ended runs move")
+        if run.key is not None:
+            validate_key(run.key)
+        return self._restore(run)
+
+    def iter_ended(self) -> Iterator[RunRecord]:
+        """Every ended run's record (tombstone), streaming."""
+        return self._iter_ended()
+
     def summary(self, now: datetime | None = None) -> builtins.list[GroupCounts]:
         """The live runs counted by task and step (paused, in flight, pending an
         answer, overdue) with the oldest pause of each: what metrics export."""
         return self._summary(now or utcnow())
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release connections or file handles."""
 
     def __enter__(self) -> CheckpointStore:
@@ -369,112 +442,3 @@ class CheckpointStore(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    # -- what a backend fills in ----------------------------------------------
-    # Arguments arrive checked: valid run ids, a lease length in seconds.
-
-    @abc.abstractmethod
-    def _save(self, run: RunRecord, token: int | None, create: bool) -> None: ...
-
-    @abc.abstractmethod
-    def _load(self, run_id: str) -> RunRecord | None: ...
-
-    @abc.abstractmethod
-    def _lease(self, run_id: str) -> Lease | None: ...
-
-    @abc.abstractmethod
-    def _claim(
-        self, run_id: str, owner: Owner | None, lease_seconds: float, pause_seq: int | None
-    ) -> RunRecord | None: ...
-
-    @abc.abstractmethod
-    def _request_resume(
-        self, run_id: str, request: ResumeRequest, pause_seq: int | None
-    ) -> ResumeRequest:
-        """``request`` is the one to record, its ``pause_seq`` set to the run's."""
-
-    @abc.abstractmethod
-    def _heartbeat(self, run_id: str, token: int, lease_seconds: float) -> Lease: ...
-
-    @abc.abstractmethod
-    def _complete(self, run_id: str, token: int | None) -> None: ...
-
-    @abc.abstractmethod
-    def _release(self, run_id: str, token: int, error: str | None) -> None: ...
-
-    @abc.abstractmethod
-    def _recover_orphaned(self) -> builtins.list[RunRecord]: ...
-
-    @abc.abstractmethod
-    def _end(
-        self, run_id: str, status: EndStatus, reason: str | None, token: int | None
-    ) -> RunRecord | None: ...
-
-    @abc.abstractmethod
-    def _ended(self, run_id: str) -> RunRecord | None: ...
-
-    @abc.abstractmethod
-    def _prune_ended(self, older_than: float) -> int: ...
-
-    @abc.abstractmethod
-    def _list(self, where: RunFilter) -> Iterator[RunInfo]: ...
-
-    @abc.abstractmethod
-    def _count(self) -> int: ...
-
-    @abc.abstractmethod
-    def _due_resumes(self, older_than: float) -> builtins.list[str]: ...
-
-    @abc.abstractmethod
-    def _due_timeouts(self, now: datetime | None) -> builtins.list[str]: ...
-
-    @abc.abstractmethod
-    def _next_deadline(self) -> datetime | None: ...
-
-    def _exists(self, run_id: str) -> bool:
-        """Default: two reads; a backend overrides it with one cheap lookup."""
-        return self._load(run_id) is not None or self._ended(run_id) is not None
-
-    def _stats(self) -> StoreStats:
-        """Default: reads every record; a backend overrides it with cheap counts."""
-        runs = in_flight = pending = 0
-        for info in self._list(RunFilter()):
-            runs += 1
-            request = info.run.current_resume
-            if info.in_flight:
-                in_flight += 1
-            elif request is not None and request.status == "pending":
-                pending += 1
-        return make_stats(runs, in_flight, pending, len(self._due_timeouts(None)))
-
-    def _summary(self, now: datetime) -> builtins.list[GroupCounts]:
-        """Default: reads every record; a backend overrides it with aggregate counts."""
-        groups: dict[tuple[str, str], GroupCounts] = {}
-        for info in self._list(RunFilter()):
-            run = info.run
-            group = groups.setdefault(
-                (run.task_name, run.step),
-                GroupCounts(
-                    task=run.task_name,
-                    step=run.step,
-                    paused=0,
-                    in_flight=0,
-                    pending=0,
-                    overdue=0,
-                    oldest_paused_at=None,
-                ),
-            )
-            if info.in_flight:
-                group["in_flight"] += 1
-                continue
-            group["paused"] += 1
-            request = run.current_resume
-            group["pending"] += request is not None and request.status == "pending"
-            group["overdue"] += run.expires_at is not None and run.expires_at <= now
-            oldest = group["oldest_paused_at"]
-            if oldest is None or run.paused_at < oldest:
-                group["oldest_paused_at"] = run.paused_at
-        return sorted(groups.values(), key=lambda g: (g["task"], g["step"]))
-
-    def _lease_seconds(self, lease_seconds: float | None) -> float:
-        return self.lease_seconds if lease_seconds is None else float(lease_seconds)

@@ -215,9 +215,7 @@ class PostgresStore(CheckpointStore):
 
     # The extensions' contract: a save returns the early answer it consumed, if
     # any. The base's public save() drops it until it grows the same return value.
-    def _save(  # type: ignore[override]
-        self, run: RunRecord, token: int | None, create: bool
-    ) -> ResumeRequest | None:
+    def _save(self, run: RunRecord, token: int | None, create: bool) -> ResumeRequest | None:
         if run.key is None or run.status != "paused":
             self._conn.write(
                 "save", run.run_id, lambda conn: self._save_on(conn, run, token, create)

@@ -224,7 +224,7 @@ class SqliteStore(Extensions, CheckpointStore):
 
     # -- transitions -----------------------------------------------------------------
 
-    def _save(  # type: ignore[override]  # returns the early answer it consumed (E4)
+    def _save(  # returns the early answer it consumed
         self, run: RunRecord, token: int | None, create: bool
     ) -> ResumeRequest | None:
         run_id = run.run_id

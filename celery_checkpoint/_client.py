@@ -18,6 +18,7 @@ from typing import Any
 from celery import signature as make_signature
 from celery import states
 from celery.result import AsyncResult
+from pydantic import ValidationError
 
 from . import signals
 from ._bound import Bound
@@ -32,8 +33,8 @@ from .exceptions import (
     ResumeRejected,
     RunCancelled,
 )
-from .model import ResumeRequest, RunRecord, Via, utcnow, validate_run_id
-from .pause import RESUMING, validate_input
+from .model import ResumeRequest, RunRecord, Via, utcnow, validate_key, validate_run_id
+from .pause import JSON, RESUMING, validate_input
 
 __all__ = ["HEADER", "Client", "decode", "encode", "send", "store_resuming"]
 
@@ -143,6 +144,51 @@ class Client:
             via=via,
         )
         return AsyncResult(run_id, app=app)
+
+    def resume_key(
+        self,
+        key: str,
+        input: Any = None,
+        *,
+        request_id: str | None = None,
+        actor: str | None = None,
+        via: Via = "code",
+    ) -> AsyncResult | None:
+        """See :meth:`celery_checkpoint.Checkpoints.resume_key`."""
+        store = self.bound.store
+        key = validate_key(key)
+        request_id = request_id or uuid.uuid4().hex
+        run_id = store.find_key(key)
+        if run_id is not None:
+            try:
+                return self.resume(run_id, input, request_id=request_id, actor=actor, via=via)
+            except CheckpointNotFound:
+                pass  # ended between the lookup and the answer: keep it for the next pause
+        try:
+            stored = JSON.validate_python(input)
+        except ValidationError as exc:
+            raise ResumeRejected(
+                key, "the input is not JSON", exc.errors(include_url=False)
+            ) from exc
+        ttl = self.bound.config.early_answer_ttl
+        run_id, accepted = store.answer_key(key, stored, request_id, ttl=ttl, actor=actor, via=via)
+        if run_id is None:
+            log_event(
+                "answer_kept",
+                key=key,
+                request_id=accepted.request_id,
+                ttl=ttl,
+                actor=actor,
+                via=via,
+            )
+            return None
+        # A pause took the key between the lookup and the answer: the answer went
+        # to it through the same compare-and-set; it is checked against expects
+        # by the worker, which leaves the run paused if it does not match.
+        run = store.load(run_id)
+        if run is not None and accepted.status == "pending":
+            send(self.bound, run, accepted)
+        return AsyncResult(run_id, app=self.bound.app)
 
     def _check_deadline(self, run: RunRecord, request_id: str) -> None:
         """Refuse a resume of an expiring pause whose deadline has passed."""

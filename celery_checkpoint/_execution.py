@@ -34,11 +34,12 @@ from celery.exceptions import Ignore
 from . import signals
 from ._bound import Bound, BoundTask
 from ._client import HEADER
+from ._delivery import DELIVER, encode_result, kept_value, track
 from ._events import announce, send_task_event
 from ._heartbeat import Beat, heartbeats
 from ._pausing import IGNORE, Pausing
 from ._results import readable
-from .exceptions import LeaseLost, PauseExpired, StoreUnavailable
+from .exceptions import LeaseLost, PauseExpired, ResumeRejected, StoreUnavailable
 from .model import Owner, ResumeRequest, RunRecord, utcnow, validate_run_id
 from .pause import PAUSED, RESUMING, Pause, Run, revalidate
 
@@ -158,6 +159,8 @@ class Executor:
         header: dict[str, Any],
     ) -> Any:
         run_id = validate_run_id(task.request.id)
+        if header.get("kind") == DELIVER:
+            return self._deliver(run_id)
         pause_seq = header.get("pause_seq")
         owner = _owner(getattr(task.request, "hostname", None))
         claim = self._claim(run_id, pause_seq if isinstance(pause_seq, int) else None, owner)
@@ -173,6 +176,8 @@ class Executor:
         if claim.expires:
             self._expire(task, claim)
         current = self._resumed_run(claim)
+        if current is None:
+            return IGNORE
         announce(
             "resumed",
             signals.checkpoint_resumed,
@@ -215,13 +220,35 @@ class Executor:
             beat.stop()
             _CURRENT.reset(context)
 
-    def _resumed_run(self, claim: _Claim) -> Run:
+    def _deliver(self, run_id: str) -> Any:
+        """A delivery message: the kept value of a run completed by a worker that
+        died before Celery stored it; Celery stores it now and the chain goes on."""
+        ended = self.bound.store.ended(run_id)
+        if ended is None or ended.status != "completed" or ended.result is None:
+            return IGNORE
+        logger.warning(
+            "run %s: delivering the value its completion kept (the worker that completed "
+            "it stopped before Celery stored it)",
+            run_id,
+        )
+        track(self.bound, run_id)
+        return kept_value(ended)
+
+    def _resumed_run(self, claim: _Claim) -> Run | None:
         """The body's view of a claimed run; an input that no longer validates releases it."""
         run, request = claim.run, claim.request
         resume_input = None
         if request is not None and not claim.timed_out:
             try:
                 resume_input = revalidate(run, request.input)
+            except ResumeRejected as exc:
+                # No body runs on an answer that does not match: the request is
+                # marked failed and the run stays paused for a valid one.
+                self.bound.store.release(run.run_id, claim.token, error=str(exc))
+                logger.error(
+                    "run %s: its answer was refused, the run stays paused: %s", run.run_id, exc
+                )
+                return None
             except BaseException as exc:
                 self.bound.store.release(run.run_id, claim.token, error=repr(exc))
                 raise
@@ -370,7 +397,7 @@ class Executor:
         )
         return True
 
-    def _finish(self, claim: _Claim) -> None:
+    def _finish(self, claim: _Claim, result: str | None = None) -> None:
         """``store.complete`` for the claim, re-sent while the store is unreachable.
 
         A lost reply leaves the completion applied or not; ``complete`` with the
@@ -380,7 +407,7 @@ class Executor:
         run_id = claim.run.run_id
         for delay in (*_COMPLETE_RETRIES, None):
             try:
-                self.bound.store.complete(run_id, token=claim.token)
+                self.bound.store.complete(run_id, token=claim.token, result=result)
                 return
             except StoreUnavailable as exc:
                 if delay is None:
@@ -408,8 +435,9 @@ class Executor:
 
     def _complete(self, task: BoundTask, claim: _Claim, result: Any) -> None:
         run = claim.run
+        kept = encode_result(result)
         try:
-            self._finish(claim)
+            self._finish(claim, kept)
         except LeaseLost as lost:
             # Cancelled, or another worker owns the run now: storing this result
             # would overwrite REVOKED or race the new owner.
@@ -417,6 +445,8 @@ class Executor:
                 "run %s: finished after its lease was lost, result dropped: %s", run.run_id, lost
             )
             raise Ignore() from lost
+        if kept is not None:
+            track(self.bound, run.run_id)
         announce(
             "completed",
             signals.checkpoint_completed,

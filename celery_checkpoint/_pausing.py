@@ -17,12 +17,12 @@ from celery.exceptions import Ignore
 
 from . import signals
 from ._bound import Bound, BoundTask
-from ._client import HEADER, encode
-from ._events import announce, send_task_event
+from ._client import HEADER, encode, send
+from ._events import announce, log_event, send_task_event
 from ._timeouts import Timeouts
-from .exceptions import CheckpointExists, LeaseLost
-from .model import CeleryRequest, RunRecord, utcnow, validate_run_id
-from .pause import PAUSED, Pause
+from .exceptions import CheckpointExists, LeaseLost, ResumeRejected
+from .model import CeleryRequest, ResumeRequest, RunRecord, utcnow, validate_run_id
+from .pause import PAUSED, Pause, validate_input
 
 __all__ = ["IGNORE", "Pausing", "record_for"]
 
@@ -80,6 +80,7 @@ def record_for(task: BoundTask, pause: Pause, previous: RunRecord | None) -> Run
         last_token=previous.last_token if previous is not None else 0,
         recoveries=previous.recoveries if previous is not None else 0,
         metadata=pause.metadata,
+        key=pause.key,
     )
 
 
@@ -105,8 +106,10 @@ class Pausing:
         record = record_for(task, pause, previous)
         run_id = record.run_id
         try:
-            self.bound.store.save(record, token=token, create=previous is None)
+            early = self.bound.store.save(record, token=token, create=previous is None)
         except CheckpointExists as exists:
+            if exists.status.startswith("key "):
+                raise  # another live run holds the key: this pause cannot be taken
             logger.warning(
                 "run %s: another copy of its first message paused first (%s): this copy's "
                 "pause is dropped and the run goes on from that checkpoint",
@@ -142,9 +145,48 @@ class Pausing:
             expires_at=record.expires_at,
         )
         self._timeouts.arm(record)
+        if early is not None:
+            self._answered_early(record, early)
         # Not raised here: the wrapper raises Ignore outside any ``except`` block,
         # so Celery finds neither this Pause as its context nor these frames.
         return IGNORE
+
+    def _answered_early(self, record: RunRecord, early: ResumeRequest) -> None:
+        """The save took an answer kept for the pause's key: resume the run at once.
+
+        The answer could not be checked against ``expects`` when it came (no
+        pause named the key yet); it is checked now. One that does not match is
+        marked failed on the run, which stays paused for a valid answer.
+        """
+        store, run_id = self.bound.store, record.run_id
+        try:
+            validate_input(record, early.input)
+        except ResumeRejected as exc:
+            claimed = store.claim(run_id, pause_seq=record.pause_seq)
+            if claimed is not None and claimed.lease is not None:
+                store.release(run_id, claimed.lease.token, error=str(exc))
+            logger.error(
+                "run %s: the answer kept for key %r (request %s) does not match expects; "
+                "the run stays paused: %s",
+                run_id,
+                record.key,
+                early.request_id,
+                exc,
+            )
+            return
+        log_event(
+            "resume_requested",
+            run_id=run_id,
+            task=record.task_name,
+            step=record.step,
+            pause_seq=record.pause_seq,
+            request_id=early.request_id,
+            key=record.key,
+            early=True,
+            actor=early.actor,
+            via=early.via,
+        )
+        send(self.bound, record, early)
 
     def _store_paused(self, task: BoundTask, record: RunRecord) -> None:
         meta = {

@@ -225,6 +225,28 @@ class Checkpoints:
             run_id, input, request_id=request_id, pause_seq=pause_seq, actor=actor, via=via
         )
 
+    def resume_key(
+        self,
+        key: str,
+        input: Any = None,
+        *,
+        request_id: str | None = None,
+        actor: str | None = None,
+        via: Via = "code",
+    ) -> AsyncResult | None:
+        """Answer whichever run waits on the business ``key``; see ``Pause(key=...)``.
+
+        A run paused with the key is resumed exactly as :meth:`resume` would
+        (validation, the same exactly-once rules); its ``AsyncResult`` is
+        returned. No run holds the key yet (the answer came first): the answer
+        is kept for ``checkpoint_early_answer_ttl`` seconds and None returned;
+        the pause that names the key takes it and the body resumes at once.
+        Use the event's own id (a webhook delivery id) as ``request_id``: a
+        provider delivering it twice makes one answer. Per key one answer is
+        kept; another ``request_id`` raises ``AlreadyResumed``.
+        """
+        return self._client.resume_key(key, input, request_id=request_id, actor=actor, via=via)
+
     def cancel(self, run_id: str, reason: str | None = None) -> RunRecord:
         """Cancel a paused or in-flight run for good; its Celery state becomes REVOKED.
 

@@ -49,7 +49,7 @@ from kombu.exceptions import KombuError
 from ._format import COLUMNS, ago, deadline, echo_json, iso, row, span, state_of, summary
 from .checkpoints import Checkpoints
 from .exceptions import CheckpointError, ImproperlyConfigured, InvalidRunId, ResumeRejected
-from .model import MAX_DURATION, utcnow, validate_run_id
+from .model import MAX_DURATION, utcnow, validate_key, validate_run_id
 from .store import RunInfo
 
 __all__ = ["checkpoint", "parse_duration"]
@@ -163,6 +163,13 @@ def _os_user() -> str | None:
         return getpass.getuser()
     except (KeyError, OSError):
         return None
+
+
+def _key(value: str) -> str:
+    try:
+        return validate_key(value)
+    except InvalidRunId as exc:
+        raise BadInput(_one_line(exc)) from None
 
 
 def _run_id(value: str) -> str:
@@ -340,7 +347,13 @@ def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
 
 
 @checkpoint.command()
-@click.argument("run_id")
+@click.argument("run_id", required=False)
+@click.option(
+    "--key",
+    metavar="KEY",
+    help="Answer the run paused with this business key instead of a run id (kept for the "
+    "pause if none holds it yet).",
+)
 @click.option(
     "--input",
     "input_text",
@@ -365,18 +378,28 @@ def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
 @click.pass_context
 def resume(
     ctx: click.Context,
-    run_id: str,
+    run_id: str | None,
+    key: str | None,
     input_text: str | None,
     request_id: str | None,
     pause_seq: int | None,
     actor: str | None,
     as_json: bool,
 ) -> None:
-    """Resume a paused run; its input is checked against the pause's 'expects' first."""
-    run_id = _run_id(run_id)
+    """Resume a paused run; its input is checked against the pause's 'expects' first.
+
+    Give the RUN_ID, or --key for the run paused with a business key.
+    """
+    if (run_id is None) == (key is None):
+        raise BadInput("give a RUN_ID or --key KEY, not both and not neither")
     value = _read_input(input_text)
     request_id = request_id or uuid.uuid4().hex
     checkpoints = _checkpoints(ctx)
+    if key is not None:
+        _resume_key(checkpoints, _key(key), value, request_id, actor, as_json)
+        return
+    assert run_id is not None
+    run_id = _run_id(run_id)
     with _errors():
         try:
             checkpoints.resume(
@@ -398,6 +421,31 @@ def resume(
         echo_json({"run_id": run_id, "request_id": request_id, "accepted": True})
     else:
         click.echo(f"resume {request_id} of run {run_id} accepted; a worker continues it")
+
+
+def _resume_key(
+    checkpoints: Checkpoints,
+    key: str,
+    value: Any,
+    request_id: str,
+    actor: str | None,
+    as_json: bool,
+) -> None:
+    with _errors():
+        result = checkpoints.resume_key(
+            key, value, request_id=request_id, actor=actor or _os_user(), via="cli"
+        )
+    run_id = None if result is None else str(result.id)
+    if as_json:
+        echo_json({"key": key, "run_id": run_id, "request_id": request_id, "early": run_id is None})
+    elif run_id is None:
+        click.echo(
+            f"no run holds key {key} yet: answer {request_id} is kept for the pause that names it"
+        )
+    else:
+        click.echo(
+            f"resume {request_id} of run {run_id} (key {key}) accepted; a worker continues it"
+        )
 
 
 @checkpoint.command()

@@ -10,6 +10,7 @@ setting                            default    meaning
 ``checkpoint_recovery_interval``   30         seconds between recovery passes on each worker
 ``checkpoint_max_recoveries``      5          recoveries of one run before it is marked failed
 ``checkpoint_resend_after``        300        seconds a pending resume may wait before re-sent
+``checkpoint_early_answer_ttl``    86400      seconds an answer to a key no pause holds yet is kept
 ``checkpoint_web_secret_keys``     none       signing keys, newest first: first signs, all verify
 ``checkpoint_web_base_url``        none       the web app's public address, for absolute links
 ``checkpoint_web_tokens``          none       API bearer tokens and the actor each names
@@ -119,6 +120,7 @@ class CheckpointConfig:
     recovery_interval: float = 30.0
     max_recoveries: int = 5
     resend_after: float = 300.0
+    early_answer_ttl: float = 86400.0
     #: Secrets stay out of ``repr``: a config object ends up in logs and tracebacks.
     web_secret_keys: tuple[str, ...] = field(default=(), repr=False)
     web_base_url: str | None = None
@@ -148,6 +150,7 @@ class CheckpointConfig:
             recovery_interval=_number(conf, "checkpoint_recovery_interval", 30.0, minimum=0.05),
             max_recoveries=recoveries,
             resend_after=_number(conf, "checkpoint_resend_after", 300.0, minimum=0.0),
+            early_answer_ttl=_number(conf, "checkpoint_early_answer_ttl", 86400.0, minimum=0.001),
             web_secret_keys=secret_keys(conf.get("checkpoint_web_secret_keys")),
             web_base_url=base_url(conf.get("checkpoint_web_base_url")),
             web_tokens=tokens(conf.get("checkpoint_web_tokens")),

@@ -26,7 +26,7 @@ from pydantic import JsonValue, TypeAdapter, ValidationError
 
 from ._expects import adapter_for, schema_of, spec_of
 from .exceptions import ResumeRejected
-from .model import MAX_DURATION, RunRecord
+from .model import MAX_DURATION, RunRecord, validate_key
 
 __all__ = [
     "PAUSED",
@@ -53,6 +53,10 @@ class Pause(Exception):
     fails the run with ``PauseExpired``; ``"resume"`` resumes it with
     ``run.timed_out`` true and no input. ``expects`` is a pydantic model or
     type the resume input is validated against before anything changes.
+    ``key`` names the pause by a business key, unique among live runs of the
+    store, so a webhook can answer it without the run id
+    (:meth:`~celery_checkpoint.Checkpoints.resume_key`); an answer that came
+    before the pause is waiting for it and resumes the run at once.
 
     Not a :class:`~celery_checkpoint.CheckpointError`: pausing is control flow,
     the way Celery keeps ``Retry`` and ``Ignore`` apart from errors.
@@ -68,6 +72,7 @@ class Pause(Exception):
         expects: Any = None,
         reason: str | None = None,
         metadata: dict[str, JsonValue] | None = None,
+        key: str | None = None,
     ) -> None:
         if not isinstance(step, str) or not step:
             raise TypeError("Pause needs a step name: Pause('await_approval', ...)")
@@ -104,6 +109,9 @@ class Pause(Exception):
         self.expects_schema = None if self.expects_path is None else schema_of(self.expects_path)
         self.reason = reason
         self.metadata = dict(metadata or {})
+        #: a business key naming this pause (``"stripe:pi_123"``): an answer finds
+        #: the run by it (``checkpoints.resume_key``), even one that came first
+        self.key = None if key is None else validate_key(key)
 
     def __str__(self) -> str:
         return (

@@ -14,7 +14,9 @@ Every worker runs :func:`recover` before it takes its first task and then every
 5. in a worker, arms the worker's timer for the store's earliest deadline
    (:mod:`._timeouts`), so it fires at that deadline rather than at the next
    pass: a pass is what tells a worker of deadlines paused elsewhere, or
-   before a restart.
+   before a restart;
+6. delivers again the kept value of runs completed by a worker that stopped
+   before Celery stored their result (:mod:`._delivery`).
 
 Every step goes through the store's compare-and-set and claim, so any number
 of workers may run passes at once. One run's trouble (a corrupt record, the
@@ -31,6 +33,7 @@ from celery import states
 from . import signals
 from ._bound import Bound
 from ._client import send
+from ._delivery import deliver_due
 from ._events import announce, log_event
 from ._results import try_store_state
 from ._timeouts import Timeouts
@@ -50,14 +53,16 @@ class RecoveryReport:
     resent: int = 0
     failed: int = 0
     timeouts: int = 0
+    delivered: int = 0
 
     def __bool__(self) -> bool:
-        return bool(self.rearmed or self.resent or self.failed or self.timeouts)
+        return bool(self.rearmed or self.resent or self.failed or self.timeouts or self.delivered)
 
     def __str__(self) -> str:
         return (
             f"{self.rearmed} re-armed, {self.resent} resume(s) re-sent, "
-            f"{self.failed} failed after too many recoveries, {self.timeouts} timeout(s) fired"
+            f"{self.failed} failed after too many recoveries, {self.timeouts} timeout(s) fired, "
+            f"{self.delivered} result(s) delivered again"
         )
 
 
@@ -70,6 +75,7 @@ def recover(bound: Bound, timeouts: Timeouts) -> RecoveryReport:
         resent=_resend_pending(bound),
         failed=failed,
         timeouts=timeouts.fire_due(),
+        delivered=deliver_due(bound),
     )
     timeouts.refresh()
     return report

@@ -10,6 +10,10 @@
                                    does not validate, 409 another answer won, 404
                                    unknown, 410 ended
 ``POST /api/runs/{run_id}/cancel`` ``{"reason"}``: 200 with the cancelled run
+``POST /api/keys/{key}/resume``    ``{"input", "request_id"}``: the run paused with this
+                                   business key, as resume; or, when no pause holds the
+                                   key yet, the answer is kept for the one that will
+                                   (202, ``"status": "kept"``); 409 another answer won
 =================================  ======================================================
 
 Every error has one body, ``{"error": {"code", "message", "details"}}``
@@ -17,9 +21,9 @@ Every error has one body, ``{"error": {"code", "message", "details"}}``
 recorded with ``via="api"`` and the actor the bearer token (or the
 ``authenticate`` hook) names.
 
-Webhooks that find the waiting run by a business key
-(``POST /api/keys/{key}/resume``) are to come beside ``resume`` below, through
-the same :func:`.runs.answer` path.
+A webhook handler answers by business key: the provider's event or delivery
+id is the natural ``request_id``, so a delivery repeated by the provider is one
+answer.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
+from ..exceptions import InvalidRunId
+from ..model import validate_key
 from ..pause import expects_schema
 from ..store import Order
 from .auth import actor_of
@@ -42,6 +48,8 @@ from .errors import Problem, clean_details
 from .openapi import (
     MAX_LIMIT,
     CancelBody,
+    KeyResumeBody,
+    KeyResumeResult,
     ResumeBody,
     ResumeResult,
     RunPage,
@@ -50,7 +58,7 @@ from .openapi import (
     run_summary,
 )
 from .pages import href, web_of
-from .runs import ORDERS, BadCursor, answer, find, page
+from .runs import ORDERS, BadCursor, answer, answer_key, find, page
 
 __all__ = ["ApiError", "json_error", "routes"]
 
@@ -197,6 +205,41 @@ async def resume(request: Request) -> Response:
     return _ok(result, 200 if answered.again else 202)
 
 
+async def resume_by_key(request: Request) -> Response:
+    web = web_of(request)
+    _only_query(request)
+    body = cast(KeyResumeBody, await _body(request, KeyResumeBody))
+    request_id = body.request_id or uuid.uuid4().hex
+    key = request.path_params["key"]
+    try:
+        validate_key(key)
+    except InvalidRunId as exc:
+        raise _bad(str(exc)) from None
+    answered = await run_in_threadpool(
+        lambda: answer_key(
+            web.checkpoints,
+            key,
+            body.input,
+            request_id=request_id,
+            actor=actor_of(request),
+            via="webhook",
+        )
+    )
+    messages = {
+        "accepted": "accepted: a worker continues the run",
+        "already answered": "already answered: this request_id was accepted before",
+        "kept": "no pause holds the key yet: the answer is kept for the one that will",
+    }
+    result = KeyResumeResult(
+        key=answered.key,
+        run_id=answered.run_id,
+        request_id=answered.request_id,
+        status=answered.status,
+        message=messages[answered.status],
+    )
+    return _ok(result, 200 if answered.status == "already answered" else 202)
+
+
 async def cancel(request: Request) -> Response:
     web = web_of(request)
     _only_query(request)
@@ -224,5 +267,5 @@ routes = [
     Route("/runs/{run_id}", get_run, methods=["GET"]),
     Route("/runs/{run_id}/resume", resume, methods=["POST"]),
     Route("/runs/{run_id}/cancel", cancel, methods=["POST"]),
-    # Route("/keys/{key}/resume", resume_by_key, methods=["POST"]): webhooks by business key.
+    Route("/keys/{key:path}/resume", resume_by_key, methods=["POST"]),
 ]

@@ -34,6 +34,7 @@ __all__ = [
 
 MAX_LIMIT = 500
 RUN_ID_PATTERN = r"^[A-Za-z0-9_:-][A-Za-z0-9_.:-]{0,199}$"
+KEY_PATTERN = r"^[A-Za-z0-9_:@+=/-][A-Za-z0-9_.:@+=/-]{0,199}$"
 
 
 class ErrorDetail(BaseModel):
@@ -128,6 +129,28 @@ class ResumeResult(BaseModel):
     request_id: str
     pause_seq: int
     status: Literal["accepted", "already answered"]
+    message: str
+
+
+class KeyResumeBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input: JsonValue = Field(
+        default=None, description="The answer, checked against the pause's expects"
+    )
+    request_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        description="Idempotency key, e.g. the webhook's delivery or event id",
+    )
+
+
+class KeyResumeResult(BaseModel):
+    key: str
+    run_id: str | None = Field(description="The run that waits on the key; null: answer kept")
+    request_id: str
+    status: Literal["accepted", "already answered", "kept"]
     message: str
 
 
@@ -255,7 +278,9 @@ def document(title: str, version: str) -> dict[str, Any]:
             (RunDetail, "serialization"),
             (ResumeResult, "serialization"),
             (ErrorBody, "serialization"),
+            (KeyResumeResult, "serialization"),
             (ResumeBody, "validation"),
+            (KeyResumeBody, "validation"),
             (CancelBody, "validation"),
         ],
         ref_template="#/components/schemas/{model}",
@@ -333,6 +358,32 @@ def document(title: str, version: str) -> dict[str, Any]:
                         "200": _ok("This request_id had already answered the run", "ResumeResult"),
                         "202": _ok("Answer accepted: a worker continues the run", "ResumeResult"),
                         **_error_responses("400", "401", "404", "409", "410", "415", "422", "503"),
+                    },
+                }
+            },
+            "/keys/{key}/resume": {
+                "post": {
+                    "operationId": "resumeKey",
+                    "summary": "Answer the run paused with this business key, or keep the "
+                    "answer for the pause that will name it (a webhook)",
+                    "parameters": [
+                        {
+                            "name": "key",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string", "pattern": KEY_PATTERN},
+                        }
+                    ],
+                    "requestBody": _body("KeyResumeBody"),
+                    "responses": {
+                        "200": _ok(
+                            "This request_id had already answered the run", "KeyResumeResult"
+                        ),
+                        "202": _ok(
+                            "Answer accepted, or kept until a pause names the key",
+                            "KeyResumeResult",
+                        ),
+                        **_error_responses("400", "401", "409", "410", "415", "422", "503"),
                     },
                 }
             },

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from kombu.exceptions import KombuError
 
 from ..exceptions import CheckpointNotFound
-from ..model import RunRecord, Via, validate_run_id
+from ..model import RunRecord, Via, validate_key, validate_run_id
 from ..store import Order, RunInfo
 
 if TYPE_CHECKING:
@@ -202,3 +202,50 @@ def answer(
         note = "recorded; sending it to a worker failed, a worker's recovery pass sends it later"
     seen = _same_request(checkpoints, run_id, request_id)
     return Answered(run_id, request_id, seen if seen is not None else pause_seq or 0, False, note)
+
+
+@dataclass(frozen=True)
+class KeyAnswered:
+    """What an answer to a business key came to."""
+
+    key: str
+    run_id: str | None  #: the run that waits on the key; None: kept for its pause
+    request_id: str
+    status: Literal["accepted", "already answered", "kept"]
+
+
+def answer_key(
+    checkpoints: Checkpoints,
+    key: str,
+    input: Any,
+    *,
+    request_id: str,
+    actor: str | None,
+    via: Via,
+) -> KeyAnswered:
+    """Answer the run paused with ``key``, or keep the answer for the pause that
+    names it; raises what ``resume_key`` raises."""
+    key = validate_key(key)
+    run_id = checkpoints.store.find_key(key)
+    if run_id is not None:
+        try:
+            done = answer(
+                checkpoints,
+                run_id,
+                input,
+                request_id=request_id,
+                pause_seq=None,
+                actor=actor,
+                via=via,
+            )
+        except CheckpointNotFound:
+            pass  # ended between the lookup and the answer: keep it for the next pause
+        else:
+            status: Literal["accepted", "already answered"] = (
+                "already answered" if done.again else "accepted"
+            )
+            return KeyAnswered(key, run_id, request_id, status)
+    result = checkpoints.resume_key(key, input, request_id=request_id, actor=actor, via=via)
+    if result is None:
+        return KeyAnswered(key, None, request_id, "kept")
+    return KeyAnswered(key, str(result.id), request_id, "accepted")

@@ -16,6 +16,7 @@ trusting the body's return value alone.
 from __future__ import annotations
 
 import os
+import signal
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
@@ -26,6 +27,7 @@ from celery import Celery
 from pydantic import BaseModel, Field
 
 from celery_checkpoint import Checkpoints, Pause
+from celery_checkpoint.signals import checkpoint_completed
 
 ENV_PREFIX = "CC_IT_"
 
@@ -54,6 +56,13 @@ class Review(BaseModel):
     note: str | None = None
 
 
+class Payment(BaseModel):
+    """What the payment webhook answers ``proj.pay`` with."""
+
+    status: Literal["succeeded", "failed"]
+    amount: int
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the test process and its worker subprocesses must agree on."""
@@ -77,6 +86,8 @@ class Settings:
     body_seconds: float = 2.0
     #: recoveries of one run before recovery marks it failed
     max_recoveries: float = 5
+    #: seconds before recovery re-sends a lost resume or delivers a kept result
+    resend_after: float = 300.0
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -170,11 +181,21 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
         checkpoint_lease_seconds=settings.lease_seconds,
         checkpoint_recovery_interval=settings.recovery_interval,
         checkpoint_max_recoveries=int(settings.max_recoveries),
+        checkpoint_resend_after=settings.resend_after,
     )
     if with_store:
         app.conf.checkpoint_store = settings.store
     checkpoints = Checkpoints(app)
     markers = settings.markers
+
+    def kill_after_complete(sender: Any = None, run: Any = None, **_: Any) -> None:
+        """A worker dying between the store's completion and Celery's SUCCESS: the
+        whole worker (its process group), when the test asked for it."""
+        if run is not None and Path(markers, f"kill-after-complete-{run.run_id}").exists():
+            Path(markers, f"kill-after-complete-{run.run_id}").unlink()
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    checkpoint_completed.connect(kill_after_complete, weak=False)
 
     @app.task(shared=False, name="proj.add")
     def add(x: int, y: int) -> int:
@@ -222,6 +243,16 @@ def make_app(settings: Settings, *, with_store: bool = True) -> Celery:
             )
         mark(markers, "body", run.run_id)
         return "timed out" if run.timed_out else run.resume_input
+
+    @checkpoints.task(bind=True, shared=False, name="proj.pay")
+    def pay(self: Any, order: str, intent: str) -> dict[str, Any]:
+        """Pauses for the payment of ``intent``, named by the key ``stripe:<intent>``."""
+        run = checkpoints.current()
+        if not run.resumed:
+            mark(markers, "first", run.run_id)
+            raise Pause("await_payment", key=f"stripe:{intent}", expects=Payment)
+        mark(markers, "body", run.run_id)
+        return {"order": order, "payment": run.resume_input.model_dump(mode="json")}
 
     @checkpoints.task(bind=True, shared=False, name="proj.review")
     def review(self: Any, order: str) -> dict[str, Any]:

@@ -32,180 +32,36 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import getpass
-import importlib
 import json
 import os
-import re
 import sys
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import click
 from kombu.exceptions import KombuError
 
+from ._cli_admin import migrate, serve
+from ._cli_base import (
+    STORE_KEY,
+    BadInput,
+    Duration,
+    Failed,
+    checkpoints_of,
+    errors,
+    key_arg,
+    one_line,
+    os_user,
+    parse_duration,
+    read_input,
+    run_id_arg,
+)
 from ._format import COLUMNS, ago, deadline, echo_json, iso, row, span, state_of, summary
 from .checkpoints import Checkpoints
-from .exceptions import CheckpointError, ImproperlyConfigured, InvalidRunId, ResumeRejected
-from .model import MAX_DURATION, utcnow, validate_key, validate_run_id
+from .model import utcnow
 from .store import RunInfo
 
 __all__ = ["checkpoint", "parse_duration"]
-
-_STORE_KEY = "celery_checkpoint.store"
-_CHECKPOINTS_KEY = "celery_checkpoint.checkpoints"
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
-
-
-class Failed(click.ClickException):
-    """The run or the store refused: exit status 1."""
-
-    exit_code = 1
-
-
-class BadInput(click.ClickException):
-    """The command line is wrong: exit status 2, like click's usage errors."""
-
-    exit_code = 2
-
-
-def _one_line(text: object) -> str:
-    return " | ".join(line.strip() for line in str(text).splitlines() if line.strip())
-
-
-def _rejected(exc: ResumeRejected) -> str:
-    details = "; ".join(
-        f"{'.'.join(str(part) for part in error.get('loc', ())) or 'input'}: {error.get('msg')}"
-        for error in exc.errors[:5]
-        if isinstance(error, dict)
-    )
-    return f"{exc}: {details}" if details else str(exc)
-
-
-@contextlib.contextmanager
-def _errors() -> Iterator[None]:
-    """Turn the errors an operator can cause or meet into one line and an exit status."""
-    try:
-        yield
-    except (click.ClickException, BrokenPipeError):
-        raise
-    except InvalidRunId as exc:
-        raise BadInput(_one_line(exc)) from None
-    except ResumeRejected as exc:
-        raise Failed(_one_line(_rejected(exc))) from None
-    except CheckpointError as exc:
-        raise Failed(_one_line(exc)) from None
-    except (KombuError, OSError) as exc:
-        raise Failed(_one_line(f"{type(exc).__name__}: {exc}")) from None
-
-
-_MAX_DURATION = MAX_DURATION.total_seconds()
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in ``90s``, ``15m``, ``2h``, ``3d``, ``1w``, ``1h30m`` or ``45``; ``ValueError``."""
-    compact = text.strip().lower().replace(" ", "")
-    try:
-        seconds = float(compact)
-    except ValueError:
-        pos, seconds = 0, 0.0
-        for match in _DURATION_PART.finditer(compact):
-            if match.start() != pos:
-                break
-            seconds += float(match.group(1)) * _UNITS[match.group(2)]
-            pos = match.end()
-        if pos != len(compact) or not compact:
-            raise ValueError(
-                f"{text!r} is not a duration: use 90s, 15m, 2h, 3d, 1h30m or seconds"
-            ) from None
-    if seconds < 0 or seconds != seconds or seconds > _MAX_DURATION:
-        raise ValueError(f"{text!r} is not a duration: it must be from 0 to 100 years")
-    return seconds
-
-
-class _Duration(click.ParamType):  # type: ignore[type-arg]  # generic in click 8.2+
-    name = "duration"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, int | float):
-            return float(value)
-        try:
-            return parse_duration(str(value))
-        except ValueError as exc:
-            option = param.opts[0] if param is not None and param.opts else "duration"
-            raise BadInput(f"{option}: {exc}") from None
-
-
-def _checkpoints(ctx: click.Context) -> Checkpoints:
-    """The app's ``Checkpoints`` (``ctx.obj.app``, as ``celery`` sets it up)."""
-    found = ctx.meta.get(_CHECKPOINTS_KEY)
-    if isinstance(found, Checkpoints):
-        return found
-    app = getattr(ctx.obj, "app", None)
-    if app is None:
-        from celery import current_app
-
-        app = current_app._get_current_object()
-    store = ctx.meta.get(_STORE_KEY)
-    with _errors():
-        checkpoints = Checkpoints(app, store=store) if store else Checkpoints.for_app(app)
-        checkpoints.config  # noqa: B018 - a bad checkpoint_* setting fails here, in one line
-    ctx.meta[_CHECKPOINTS_KEY] = checkpoints
-    return checkpoints
-
-
-def _os_user() -> str | None:
-    """The operator's login name, recorded as who answered from the shell."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return None
-
-
-def _key(value: str) -> str:
-    try:
-        return validate_key(value)
-    except InvalidRunId as exc:
-        raise BadInput(_one_line(exc)) from None
-
-
-def _run_id(value: str) -> str:
-    try:
-        return validate_run_id(value)
-    except InvalidRunId as exc:
-        raise BadInput(_one_line(exc)) from None
-
-
-def _read_input(text: str | None) -> Any:
-    """The JSON of ``--input``: inline, ``@path`` or ``@-`` (stdin)."""
-    if text is None:
-        return None
-    source = "--input"
-    data = text
-    if text.startswith("@"):
-        path = text[1:]
-        if path == "-":
-            source = "the input on stdin"
-            try:
-                data = sys.stdin.buffer.read().decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise BadInput(f"cannot read {source}: it is not UTF-8 ({exc.reason})") from None
-        else:
-            source = f"the input file {path!r}"
-            try:
-                data = Path(path).read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
-                raise BadInput(f"cannot read {source}: {reason}") from None
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise BadInput(
-            f"{source} is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-        ) from None
 
 
 # -- the commands ----------------------------------------------------------------
@@ -221,7 +77,7 @@ def _read_input(text: str | None) -> Any:
 @click.pass_context
 def checkpoint(ctx: click.Context, store: str | None) -> None:
     """Paused runs of celery-checkpoint: list, show, resume, cancel, recover, stats."""
-    ctx.meta[_STORE_KEY] = store
+    ctx.meta[STORE_KEY] = store
 
 
 @checkpoint.command(name="list")
@@ -229,7 +85,7 @@ def checkpoint(ctx: click.Context, store: str | None) -> None:
 @click.option("--step", metavar="STEP", help="Only runs paused at this step.")
 @click.option(
     "--older-than",
-    type=_Duration(),
+    type=Duration(),
     metavar="DURATION",
     help="Only runs paused longer ago than this (90s, 15m, 2h, 3d).",
 )
@@ -243,11 +99,11 @@ def list_runs(
     as_json: bool,
 ) -> None:
     """Paused and in-flight runs, printed as they are read."""
-    checkpoints = _checkpoints(ctx)
+    checkpoints = checkpoints_of(ctx)
     count = 0
     now = utcnow()
     try:
-        with _errors():
+        with errors():
             if not as_json:
                 click.echo(row(tuple(title for title, _ in COLUMNS)))
             for info in checkpoints.store.list(task=task, step=step, older_than=older_than):
@@ -285,9 +141,9 @@ def list_runs(
 @click.pass_context
 def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
     """Everything the store holds about one run (paused, in flight or ended)."""
-    run_id = _run_id(run_id)
-    store = _checkpoints(ctx).store
-    with _errors():
+    run_id = run_id_arg(run_id)
+    store = checkpoints_of(ctx).store
+    with errors():
         run = store.load(run_id)
         lease = store.lease(run_id) if run is not None else None
         if run is None:
@@ -392,27 +248,27 @@ def resume(
     """
     if (run_id is None) == (key is None):
         raise BadInput("give a RUN_ID or --key KEY, not both and not neither")
-    value = _read_input(input_text)
+    value = read_input(input_text)
     request_id = request_id or uuid.uuid4().hex
-    checkpoints = _checkpoints(ctx)
+    checkpoints = checkpoints_of(ctx)
     if key is not None:
-        _resume_key(checkpoints, _key(key), value, request_id, actor, as_json)
+        _resume_key(checkpoints, key_arg(key), value, request_id, actor, as_json)
         return
     assert run_id is not None
-    run_id = _run_id(run_id)
-    with _errors():
+    run_id = run_id_arg(run_id)
+    with errors():
         try:
             checkpoints.resume(
                 run_id,
                 value,
                 request_id=request_id,
                 pause_seq=pause_seq,
-                actor=actor or _os_user(),
+                actor=actor or os_user(),
                 via="cli",
             )
         except KombuError as exc:
             raise Failed(
-                _one_line(
+                one_line(
                     f"resume {request_id} of run {run_id!r} was recorded, but sending its "
                     f"message failed ({exc}); a worker's recovery pass sends it later"
                 )
@@ -431,9 +287,9 @@ def _resume_key(
     actor: str | None,
     as_json: bool,
 ) -> None:
-    with _errors():
+    with errors():
         result = checkpoints.resume_key(
-            key, value, request_id=request_id, actor=actor or _os_user(), via="cli"
+            key, value, request_id=request_id, actor=actor or os_user(), via="cli"
         )
     run_id = None if result is None else str(result.id)
     if as_json:
@@ -455,9 +311,9 @@ def _resume_key(
 @click.pass_context
 def cancel(ctx: click.Context, run_id: str, reason: str | None, as_json: bool) -> None:
     """Cancel a paused or in-flight run for good (an in-flight body's result is dropped)."""
-    run_id = _run_id(run_id)
-    checkpoints = _checkpoints(ctx)
-    with _errors():
+    run_id = run_id_arg(run_id)
+    checkpoints = checkpoints_of(ctx)
+    with errors():
         was_in_flight = checkpoints.store.lease(run_id) is not None
         ended = checkpoints.cancel(run_id, reason=reason)
     if as_json:
@@ -485,8 +341,8 @@ def cancel(ctx: click.Context, run_id: str, reason: str | None, as_json: bool) -
 @click.pass_context
 def recover(ctx: click.Context, as_json: bool) -> None:
     """One recovery pass, as every worker runs on its timer; prints what it did."""
-    checkpoints = _checkpoints(ctx)
-    with _errors():
+    checkpoints = checkpoints_of(ctx)
+    with errors():
         report = checkpoints.recover()
     if as_json:
         echo_json(dataclasses.asdict(report))
@@ -499,8 +355,8 @@ def recover(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def stats(ctx: click.Context, as_json: bool) -> None:
     """How many runs are paused, in flight, waiting for a worker or past their deadline."""
-    store = _checkpoints(ctx).store
-    with _errors():
+    store = checkpoints_of(ctx).store
+    with errors():
         counts = store.stats()
     if as_json:
         echo_json(counts)
@@ -521,7 +377,7 @@ def stats(ctx: click.Context, as_json: bool) -> None:
 @checkpoint.command()
 @click.option(
     "--older-than",
-    type=_Duration(),
+    type=Duration(),
     required=True,
     metavar="DURATION",
     help="Delete runs that ended longer ago than this (e.g. 30d); required.",
@@ -534,8 +390,8 @@ def prune(ctx: click.Context, older_than: float, as_json: bool) -> None:
     Ended records recognise late messages for finished runs; prune only past
     the broker's visibility timeout and the tasks' retries.
     """
-    store = _checkpoints(ctx).store
-    with _errors():
+    store = checkpoints_of(ctx).store
+    with errors():
         pruned = store.prune_ended(older_than)
     if as_json:
         echo_json({"pruned": pruned, "older_than_seconds": older_than})
@@ -543,60 +399,5 @@ def prune(ctx: click.Context, older_than: float, as_json: bool) -> None:
         click.echo(f"pruned {pruned} ended runs that ended over {span(older_than)} ago")
 
 
-def _import_hook(path: str) -> Any:
-    module_name, _, name = path.partition(":")
-    try:
-        hook = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise BadInput(f"--authenticate {path!r}: cannot import it ({exc})") from None
-    if not callable(hook):
-        raise BadInput(f"--authenticate {path!r} is not a function of the request")
-    return hook
-
-
-@checkpoint.command()
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
-@click.option(
-    "--authenticate",
-    "hook",
-    metavar="MODULE:FUNCTION",
-    help="authenticate(request) -> actor | None: who is asking (the host's login).",
-)
-@click.option("--root-path", default="", metavar="PATH", help="The path a proxy serves it under.")
-@click.pass_context
-def serve(ctx: click.Context, host: str, port: int, hook: str | None, root_path: str) -> None:
-    """Serve the inbox, the JSON API, signed links and /metrics (uvicorn)."""
-    checkpoints = _checkpoints(ctx)
-    authenticate = _import_hook(hook) if hook else None
-    try:
-        # The web extra is optional: only this command needs it.
-        import uvicorn
-
-        from .web import create_app
-    except (ImportError, ImproperlyConfigured) as exc:
-        raise Failed(
-            f"serve needs the web extra: pip install 'celery-checkpoint[web]' ({exc})"
-        ) from None
-    with _errors():
-        app = create_app(checkpoints, authenticate=authenticate)
-    config = checkpoints.config
-    shown = "localhost" if host in ("0.0.0.0", "::") else host
-    base = f"http://{shown}:{port}{root_path.rstrip('/')}"
-    click.echo(f"inbox    {base}/")
-    click.echo(f"API      {base}/api/  (document: {base}/api/openapi.json)")
-    click.echo(f"metrics  {base}/metrics")
-    if authenticate is None and not config.web_tokens:
-        click.echo(
-            "CLOSED: no authentication is configured, so everything but signed links answers "
-            '401. To open it, set checkpoint_web_tokens = {"<token>": "<actor>"} in the '
-            "app's config (API: Authorization: Bearer <token>), or pass --authenticate "
-            "MODULE:FUNCTION (a function of the request returning who is signed in), or mount "
-            "celery_checkpoint.web.create_app(checkpoints, authenticate=...) in your web app."
-        )
-    if not config.web_secret_keys:
-        click.echo(
-            "no checkpoint_web_secret_keys: signed links are off, and forms use a key of this "
-            "process only (set it when several processes serve the inbox)"
-        )
-    uvicorn.run(app, host=host, port=port, root_path=root_path, log_level="info")
+checkpoint.add_command(serve)
+checkpoint.add_command(migrate)

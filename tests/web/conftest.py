@@ -35,7 +35,7 @@ KEYS = ["new-key-0123456789abcdef", "old-key-0123456789abcdef"]
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     require_server("Redis", "127.0.0.1", 6379)
-    settings = make_settings(REDIS_URL, "file", tmp_path_factory.mktemp("web"))
+    settings = make_settings(REDIS_URL, "sqlite", tmp_path_factory.mktemp("web"))
     yield settings
     delete_redis_keys(REDIS_URL, settings.prefix)
 

@@ -251,3 +251,43 @@ def test_the_request_id_defaults_to_a_new_one_and_is_returned(
     request_id = response.json()["request_id"]
     uuid.UUID(request_id)
     assert get(result, worker) == 11
+
+
+def test_a_webhook_answers_by_business_key_early_or_late_once(
+    app: Celery, checkpoints: Checkpoints, worker: Worker, http: httpx.Client, settings: Any
+) -> None:
+    paid = {"status": "succeeded", "amount": 990}
+    intent = f"pi_{uuid.uuid4().hex[:10]}"
+    key = f"stripe:{intent}"
+    # The payment succeeded before the task reached its pause: the answer is kept.
+    kept = http.post(f"/api/keys/{key}/resume", json={"input": paid, "request_id": "evt_1"})
+    assert kept.status_code == 202, kept.text
+    assert kept.json()["status"] == "kept" and kept.json()["run_id"] is None
+    assert (
+        http.post(f"/api/keys/{key}/resume", json={"input": paid, "request_id": "evt_1"}).json()[
+            "status"
+        ]
+        == "kept"
+    )
+    other = http.post(f"/api/keys/{key}/resume", json={"input": paid, "request_id": "evt_2"})
+    assert error_of(other, 409)["code"] == "already_answered"
+
+    result = app.tasks["proj.pay"].delay("order-9", intent)
+    assert get(result, worker) == {"order": "order-9", "payment": paid}
+    ended = checkpoints.store.ended(result.id)
+    assert ended is not None and ended.resume is not None
+    assert (ended.resume.actor, ended.resume.via) == (TOKEN_ACTOR, "webhook")
+    assert len(read_marks(settings.markers, "body", result.id)) == 1
+
+    # Late: the pause is there first; the provider delivers the event twice.
+    late_intent = f"pi_{uuid.uuid4().hex[:10]}"
+    late = pause(app, worker, "proj.pay", "order-10", late_intent)
+    path = f"/api/keys/stripe:{late_intent}/resume"
+    first = http.post(path, json={"input": paid, "request_id": "evt_3"})
+    assert first.status_code == 202 and first.json()["run_id"] == late.id
+    assert first.json()["status"] == "accepted"
+    second = http.post(path, json={"input": paid, "request_id": "evt_3"})
+    assert second.status_code == 200 and second.json()["status"] == "already answered"
+    assert get(late, worker)["payment"] == paid
+    bad = http.post("/api/keys/.hidden/resume", json={"input": paid})
+    assert error_of(bad, 400)["code"] == "bad_request"

@@ -67,6 +67,7 @@ def test_every_response_matches_the_openapi_document(api_schema: Any, mode: Any)
         "GET /runs",
         "GET /runs/{run_id}",
         "POST /runs/{run_id}/resume",
+        "POST /keys/{key}/resume",
         "POST /runs/{run_id}/cancel",
     }
     for operation in ops:

@@ -71,3 +71,18 @@ def test_the_chain_example_on_rabbitmq_with_rpc_results() -> None:
     assert "middle task: state PAUSED, waiting at 'await_approval'" in out
     assert "the chain ends with: 'order 7: invoiced 229.5, approved by ana'" in out
     assert "paused runs left in the store: 0" in out
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(300)
+def test_the_payment_webhook_example_answers_by_key_early_and_late() -> None:
+    require_server("Redis", "127.0.0.1", 6379)
+    try:
+        out = run_example("examples/payment_webhook.py", PAYMENT_REDIS_URL=REDIS_URL)
+    finally:
+        delete_redis_keys(REDIS_URL, "_kombu.binding.payment-example")
+        delete_redis_keys(REDIS_URL, "_kombu.binding_permanent.payment-example")
+    assert out.count("payment succeeded (1200 cents)") == 1, out  # two deliveries, one resume
+    assert "order 1: order 1: paid 1200, shipped" in out
+    assert "order 2: order 2: paid 800, shipped" in out
+    assert "paused runs left in the store: 0" in out

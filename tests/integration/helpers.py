@@ -92,7 +92,10 @@ class Worker:
         def answered() -> bool:
             if not self.alive:
                 raise AssertionError(f"worker exited while starting: {self.describe()}")
-            replies = self.app.control.ping(destination=[self.node], timeout=0.5)
+            try:
+                replies = self.app.control.ping(destination=[self.node], timeout=0.5)
+            except OSError:  # the broker dropped this connection: ping again
+                return False
             return any(self.node in reply for reply in replies)
 
         wait_until(answered, f"{self.node} to answer a ping", timeout, self)

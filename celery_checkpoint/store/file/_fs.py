@@ -292,6 +292,9 @@ def _make_private_dir(path: Path, *, parents: bool = False) -> None:
     """Create ``path`` 0700 whatever the umask; an existing directory is left as it is
     (a store made by an older version is warned about, not changed behind its owner's back)."""
     if parents:
+        for ancestor in (path.parent, *path.parent.parents):
+            if ancestor.exists() and not ancestor.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(ancestor))
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.mkdir(path, _DIR_MODE)

@@ -3,7 +3,8 @@
 Run it with ``make demo`` or ``python examples/approval.py``. It needs no
 server: it starts its own ``celery worker`` process on kombu's ``filesystem://``
 transport and Celery's ``file://`` result backend in a temporary directory,
-with the default file checkpoint store, and prints each step.
+with the default kind of checkpoint store (an embedded SQLite database, here
+in that directory), and prints each step.
 
 The workflow, ``approval.fulfil``:
 
@@ -66,7 +67,7 @@ app.conf.update(
         "polling_interval": 0.1,
     },
     result_backend=f"file://{WORKDIR / 'results'}",
-    checkpoint_store=str(WORKDIR / "checkpoints"),
+    checkpoint_store=f"sqlite:///{WORKDIR / 'checkpoints.db'}",
     worker_hijack_root_logger=False,
     worker_redirect_stdouts=False,
 )
@@ -117,9 +118,10 @@ def wait_for_state(
 
 
 def main() -> int:
-    env = dict(os.environ, APPROVAL_DEMO_DIR=str(WORKDIR), PYTHONPATH=str(HERE))
+    path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, APPROVAL_DEMO_DIR=str(WORKDIR), PYTHONPATH=path)
     say(f"demo directory: {WORKDIR}")
-    say("starting a celery worker (filesystem broker, file result backend, file store)")
+    say("starting a celery worker (filesystem broker, file result backend, SQLite store)")
     worker = subprocess.Popen(
         [
             *(sys.executable, "-m", "celery", "-A", "approval", "--quiet", "worker"),

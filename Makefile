@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/postgres_bench.py
 	$(BIN)/python bench/celery_bench.py
 	$(BIN)/python bench/timers_bench.py
+	$(BIN)/python bench/keys_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

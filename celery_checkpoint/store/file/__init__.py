@@ -181,8 +181,8 @@ class FileStore(Sweeps, CheckpointStore):
 
     def _save(self, run: RunRecord, token: int | None, create: bool) -> ResumeRequest | None:
         run_id, fs, key = run.run_id, self._fs, run.key
-        keys = () if key is None else (key,)
-        with self._io("save", run_id), fs.locked_all((run_id,), keys):
+        lock = fs.locked(run_id) if key is None else fs.locked_all((run_id,), (key,))
+        with self._io("save", run_id), lock:
             if create:
                 if fs.exists("ended", run_id):
                     raise CheckpointExists(run_id, "ended")

@@ -66,7 +66,8 @@ recovery pass treats as one of those two and repairs:
   writes the entry (durably) before the record; ending a run, or a pause that
   drops or changes its key, removes the entry after the record, unsynced. A
   leftover entry names a run that does not hold the key: it is overwritten by
-  the next pause naming the key and removed by ``prune_ended``. A transition on
+  the next pause naming the key, and removed by ``prune_ended`` once that run
+  has no live record. A transition on
   a key holds the key's stripe lock and, for a save or an answer, the run's:
   always through one call that takes the stripes in ascending order, so two of
   them never wait for each other.

@@ -131,7 +131,8 @@ Business keys
        holding the key that takes nothing keeps its binding as it is.
     2. ``save`` (run's group): the record with the key, the nonce and the
        reserved answer attached as its pending request -- refused if the nonce
-       was *fenced*, or if the binding is over ten minutes old.
+       was *fenced*, or if the binding is over an hour old (fences are kept a
+       day: the clocks of a cluster's primaries must agree within the hour).
     3. ``key_settle`` (key's group): the binding is settled; the reserved
        early answer deleted.
 

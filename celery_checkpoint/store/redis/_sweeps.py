@@ -40,7 +40,7 @@ _DUE_BATCH = 500  # index entries examined per script run by the due and prune p
 #: A key binding unsettled this long (server ms) is a save cut short: prune settles it.
 _UNSETTLED_MS = 60_000
 #: How long the nonces a key check fenced or found written are kept (server ms);
-#: a save refuses a binding older than 10 minutes, so none asks after that.
+#: a save refuses a binding older than an hour, so none asks after that.
 _NONCES_MS = 86_400_000
 
 
@@ -276,14 +276,14 @@ class Sweeps(Records):
         checks are forgotten after a day. In that order: a nonce is forgotten only
         once no binding can still ask about it."""
         for group in self._groups:
+            offset = 0  # past the answers a batch left (reserved by a save)
             while True:
                 with self._conn.io("prune_ended", "*"):
-                    examined = int(
-                        self._conn.scripts["prune_early"](
-                            keys=[group + "early"], args=[_DUE_BATCH, group + "key:"]
-                        )
+                    examined, left = self._conn.scripts["prune_early"](
+                        keys=[group + "early"], args=[_DUE_BATCH, group + "key:", offset]
                     )
-                if examined < _DUE_BATCH:
+                offset += int(left)
+                if int(examined) < _DUE_BATCH:
                     break
         for group in self._groups:
             with self._conn.io("prune_ended", "*"):

@@ -50,8 +50,11 @@ local K_PAUSED, K_INFLIGHT = G .. 'paused', G .. 'inflight'
 local K_PENDING, K_DEADLINES = G .. 'pending', G .. 'deadlines'
 local K_ENDED_AT, K_UNDELIVERED = G .. 'ended', G .. 'undelivered'
 local K_NONCES = G .. 'nonces'
--- How long a save may take between binding its key and writing its record.
-local BIND_MS = 600000
+-- How long a save may take between binding its key (the key's server's clock)
+-- and writing its record (the run's server's clock): an hour, so primaries
+-- whose clocks differ by less than that agree; the fences of G:nonces are kept
+-- a day, so a save refused by neither is never older than its fence.
+local BIND_MS = 3600000
 local LEASE = {'lease_token', 'lease_owner', 'lease_host', 'lease_claimed', 'lease_expires'}
 local function hash(key) return redis.call('HGETALL', key) end
 -- Drop a lease from the in-flight index and its host's set; with clear, also
@@ -470,23 +473,26 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', bound, 'LIMIT', 0, 500)
 
 --- @prune_early
 -- KEYS: 1 a group's index of early answers (scored by expiry, server us).
--- ARGV: 1 limit 2 the group's key hash prefix ("<prefix>:{<group>}:key:").
--- Deletes expired early answers no save has reserved; returns how many it examined.
+-- ARGV: 1 limit 2 the group's key hash prefix ("<prefix>:{<group>}:key:") 3 offset
+-- Deletes expired early answers no save has reserved (a reserved one is left to
+-- the binding that reserved it); returns how many it examined and how many it left.
 local now = now_us()
-local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-local examined = 0
+local keys = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', tonumber(ARGV[3]),
+  tonumber(ARGV[1]))
+local left = 0
 for _, key in ipairs(keys) do
   local h = ARGV[2] .. key
   local e = redis.call('HMGET', h, 'early_exp', 'early_by')
   if not e[1] then
     redis.call('ZREM', KEYS[1], key)
-  elseif not e[2] and tonumber(e[1]) <= now then
+  elseif e[2] or tonumber(e[1]) > now then
+    left = left + 1
+  else
     redis.call('HDEL', h, 'early', 'early_id', 'early_exp', 'early_by')
     redis.call('ZREM', KEYS[1], key)
   end
-  examined = examined + 1
 end
-return examined
+return {#keys, left}
 
 --- @key_bind key
 -- ARGV: 3 run id 4 a fresh nonce 5 '1' if the pause may take an early answer

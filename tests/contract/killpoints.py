@@ -1,5 +1,10 @@
-"""The file store's transitions killed at each system call: scenarios and the
-process that runs them.
+"""Store transitions killed at each system call: scenarios, the process that
+runs them, and the test side's driver.
+
+The file store is killed at each system call that changes its files; the Redis
+store at each round trip to the server (``sendto``, ``recvfrom``), which is
+where a process can die between the steps of a transition that takes several
+(a pause naming a business key, an answer to a key, the release of a key).
 
 A scenario prepares one run (``setup``), performs one transition on it
 (``transition``), and judges what a process that starts afresh finds through
@@ -20,13 +25,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 from celery_checkpoint import (
     AlreadyResumed,
@@ -38,6 +45,7 @@ from celery_checkpoint import (
     RunCancelled,
 )
 from celery_checkpoint.store.file import FileStore
+from celery_checkpoint.store.redis import RedisStore, group_of
 
 EPOCH = datetime(2025, 1, 1, tzinfo=timezone.utc)
 #: Deadlines far ahead, so only ``due_timeouts(now=...)`` makes them due.
@@ -68,9 +76,26 @@ def record(run_id: str = RUN, step: str = "first", pause_seq: int = 1, **fields:
 
 @dataclass(frozen=True)
 class Scenario:
-    setup: Callable[[FileStore], Context]
-    transition: Callable[[FileStore, Context], object]
-    check: Callable[[FileStore, Context], str]
+    setup: Callable[[Any], Context]
+    transition: Callable[[Any, Context], object]
+    check: Callable[[Any, Context], str]
+
+
+def open_store(target: str, *, setup: bool = False) -> Any:
+    """The store at ``target``: a directory (the file store, without fsync for a
+    set-up), or ``redis://...#<prefix>`` (the Redis store under that key prefix)."""
+    if target.startswith("redis://"):
+        url, _, prefix = target.partition("#")
+        return RedisStore(url, prefix=prefix)
+    return FileStore(target, fsync=not setup)
+
+
+def has_early(store: Any, key: str) -> bool:
+    """Whether the store keeps an early answer for ``key`` (read from its storage)."""
+    if isinstance(store, FileStore):
+        return (store.root / "early" / f"{key.replace('/', '%')}.json").exists()
+    group = f"{store.prefix}:{{{group_of(key):02x}}}:"
+    return bool(store._conn.client.hexists(f"{group}key:{key}", "early"))
 
 
 # -- what every check asserts ------------------------------------------------------------
@@ -439,8 +464,14 @@ def check_resend(store: FileStore, ctx: Context) -> str:
 
 
 def setup_prune(store: FileStore) -> Context:
-    store.save(record())
-    store.cancel(RUN)
+    store.save(record(key=KEY))
+    run = store.claim(RUN)
+    assert run is not None and run.lease is not None
+    store.complete(RUN, token=run.lease.token, result='"done"')  # a result not delivered
+    store.answer_key(KEY2, None, "evt-1", ttl=0.001)  # an early answer that expired
+    time.sleep(0.01)
+    # A completion killed before it released the key: the entry names an ended run.
+    key_file(store, "keys", KEY).write_bytes(RUN.encode())
     # A cancel of another run killed after its tombstone: a stale record beside it.
     store.save(record(OTHER))
     stale = (store.root / "paused" / f"{OTHER}.json").read_bytes()
@@ -461,6 +492,11 @@ def check_prune(store: FileStore, ctx: Context) -> str:
     for run_id in (RUN, OTHER):
         assert store.load(run_id) is None
         assert not store.exists(run_id)
+    assert store.due_deliveries(0) == [], "a pruned run's result is still to deliver"
+    assert store.prune_ended(0) == 0
+    assert not key_file(store, "early", KEY2).exists(), "an expired early answer stays"
+    assert not key_file(store, "keys", KEY).exists(), "a key entry of an ended run stays"
+    assert store.answer_key(KEY2, "late", "evt-2", ttl=LONG)[0] is None
     return "before" if len(left) == 2 else "after"
 
 
@@ -478,6 +514,214 @@ def check_due_timeouts(store: FileStore, ctx: Context) -> str:
     assert_deadline(store, LATE)
     assert store.due_timeouts(LATE + SECOND) == [RUN]
     return "before" if early else "after"
+
+
+# -- business keys, early answers, results kept until delivered -------------------------------
+
+KEY = "pay/pi_1"  # a '/': the key's file name escapes it
+KEY2 = "pay/pi_2"
+
+
+def key_file(store: FileStore, kind: str, key: str) -> Any:
+    name = key.replace("/", "%")
+    return store.root / kind / (f"{name}.json" if kind == "early" else name)
+
+
+def setup_early_answer(store: FileStore) -> Context:
+    run_id, _ = store.answer_key(KEY, {"paid": 10}, "evt-1", ttl=LONG)
+    assert run_id is None
+    return {}
+
+
+def check_keyed_save_takes_the_early_answer(store: FileStore, ctx: Context) -> str:
+    outcome = "after"
+    if store.load(RUN) is None:
+        outcome = "before"
+        assert store.find_key(KEY) is None, "a key held by a run that is not there"
+        assert store.count() == 0
+        kept = store.answer_key(KEY, {"paid": 10}, "evt-1", ttl=LONG)  # still waiting
+        assert kept[0] is None and kept[1].input == {"paid": 10}, "the early answer is lost"
+        taken = store.save(record(key=KEY, expires_at=LATE))  # the caller's retry
+        assert taken is not None and taken.request_id == "evt-1"
+    run = store.load(RUN)
+    assert run is not None and run.resume is not None, "the early answer is lost"
+    assert (run.resume.request_id, run.resume.status) == ("evt-1", "pending")
+    assert_same(run, record(key=KEY, expires_at=LATE))
+    assert store.find_key(KEY) == RUN
+    assert_deadline(store, LATE)
+    assert_resend(store, True)
+    again = store.answer_key(KEY, {"paid": 10}, "evt-1", ttl=LONG)
+    assert again[0] == RUN, "the early answer is kept after its pause took it"
+    raises(AlreadyResumed, lambda: store.answer_key(KEY, None, "evt-2", ttl=LONG))
+    claim_next(store, 1)
+    # Taken once: a later pause naming the key finds nothing waiting.
+    assert not has_early(store, KEY), "the early answer is kept after its pause took it"
+    assert store.save(record(OTHER, key=KEY)) is None, "the early answer was taken twice"
+    return outcome
+
+
+def check_answer_key_keeps_an_early_answer(store: FileStore, ctx: Context) -> str:
+    kept = has_early(store, KEY)
+    outcome = "after" if kept else "before"
+    assert store.find_key(KEY) is None
+    if kept:
+        raises(AlreadyResumed, lambda: store.answer_key(KEY, None, "evt-2", ttl=LONG))
+    else:
+        store.answer_key(KEY, {"paid": 10}, "evt-1", ttl=LONG)  # the caller's retry
+    taken = store.save(record(key=KEY, expires_at=LATE))
+    assert taken is not None and (taken.request_id, taken.input) == ("evt-1", {"paid": 10})
+    assert not has_early(store, KEY), "taken, and kept still"
+    claim_next(store, 1)
+    return outcome
+
+
+def setup_keyed(store: FileStore) -> Context:
+    store.save(record(key=KEY, expires_at=LATE))
+    return {}
+
+
+def check_answer_key_to_a_live_run(store: FileStore, ctx: Context) -> str:
+    run = store.load(RUN)
+    assert run is not None
+    assert store.find_key(KEY) == RUN
+    outcome = "after"
+    if run.current_resume is None:
+        outcome = "before"
+        assert_resend(store, False)
+        assert store.answer_key(KEY, {"approved": True}, "req-1", ttl=LONG)[0] == RUN
+    assert not has_early(store, KEY), "kept early although the run waits"
+    assert_resend(store, True)
+    raises(AlreadyResumed, lambda: store.answer_key(KEY, "other", "req-2", ttl=LONG))
+    assert store.answer_key(KEY, {"approved": True}, "req-1", ttl=LONG)[0] == RUN
+    claim_next(store, 1)
+    assert store.find_key(KEY) is None, "a completed run still holds its key"
+    return outcome
+
+
+def setup_stale_key_entry(store: FileStore) -> Context:
+    store.save(record(OTHER, key=KEY))
+    store.cancel(OTHER)
+    # A cancel killed before it released the key: the entry names a run that ended.
+    key_file(store, "keys", KEY).write_bytes(OTHER.encode())
+    return {}
+
+
+def check_keyed_save_over_a_stale_entry(store: FileStore, ctx: Context) -> str:
+    outcome = "after"
+    if store.load(RUN) is None:
+        outcome = "before"
+        assert store.find_key(KEY) is None
+        store.save(record(key=KEY, expires_at=LATE))  # the caller's retry
+    assert store.find_key(KEY) == RUN
+    raises(CheckpointExists, lambda: store.save(record(OTHER, key=KEY)))
+    assert store.answer_key(KEY, "yes", "req-1", ttl=LONG)[0] == RUN
+    claim_next(store, 1)
+    return outcome
+
+
+def setup_in_flight_keyed(store: FileStore) -> Context:
+    store.save(record(key=KEY, expires_at=LATE))
+    store.request_resume(RUN, {"approved": True}, "req-1")
+    run = store.claim(RUN, lease_seconds=LONG)
+    assert run is not None and run.lease is not None
+    return {"token": run.lease.token}
+
+
+def check_repause_with_a_new_key(store: FileStore, ctx: Context) -> str:
+    run = store.load(RUN)
+    assert run is not None
+    if run.pause_seq == 1:
+        assert store.find_key(KEY) == RUN
+        assert store.find_key(KEY2) is None
+        return in_flight_before(store, ctx["token"])
+    assert_same(run, record(step="second", pause_seq=2, key=KEY2, expires_at=EARLY))
+    assert store.find_key(KEY2) == RUN
+    assert store.find_key(KEY) is None, "the former key is still held"
+    store.save(record(OTHER, key=KEY))  # free for another run
+    assert store.find_key(KEY) == OTHER
+    claim_next(store, ctx["token"] + 1)
+    return "after"
+
+
+def check_cancel_releases_the_key(store: FileStore, ctx: Context) -> str:
+    outcome = "after"
+    if store.ended(RUN) is None:
+        outcome = "before"
+        assert store.find_key(KEY) == RUN
+        store.cancel(RUN)  # the caller's retry
+    assert_ended(store, "cancelled", RunCancelled)
+    assert store.find_key(KEY) is None
+    assert store.answer_key(KEY, "early", "evt-1", ttl=LONG)[0] is None
+    taken = store.save(record(OTHER, key=KEY))
+    assert taken is not None and taken.request_id == "evt-1"
+    assert store.find_key(KEY) == OTHER
+    return outcome
+
+
+RESULT = '{"shipped": true}'
+
+
+def check_complete_with_result(store: FileStore, ctx: Context) -> str:
+    if store.ended(RUN) is None:
+        outcome = in_flight_before(store, ctx["token"])  # completes it without a result
+        assert store.due_deliveries(0) == [], "a result to deliver that was never kept"
+        return outcome
+    assert_ended(store, "completed", AlreadyResumed)
+    ended = store.ended(RUN)
+    assert ended is not None and ended.result == RESULT, "the result is lost"
+    assert ended.ended_at is not None
+    assert store.due_deliveries(0) == [RUN], "the result is not listed to deliver"
+    store.complete(RUN, token=ctx["token"], result=RESULT)  # idempotent for its holder
+    store.mark_delivered(RUN)
+    assert store.due_deliveries(0) == []
+    return "after"
+
+
+def check_complete_keyed_with_result(store: FileStore, ctx: Context) -> str:
+    if store.ended(RUN) is None:
+        assert store.find_key(KEY) == RUN
+        outcome = in_flight_before(store, ctx["token"])
+        assert store.due_deliveries(0) == [], "a result to deliver that was never kept"
+    else:
+        outcome = check_complete_with_result(store, ctx)
+    assert store.find_key(KEY) is None, "a completed run still holds its key"
+    store.save(record(OTHER, key=KEY))
+    assert store.find_key(KEY) == OTHER
+    return outcome
+
+
+def check_restore(store: FileStore) -> str:
+    outcome = "after"
+    if store.load(RUN) is None:
+        outcome = "before"
+        assert store.find_key(KEY) is None
+        assert store.restore(record(key=KEY, expires_at=LATE, last_token=4))  # the retry
+    assert store.restore(record(key=KEY, expires_at=LATE, last_token=4)) is False
+    assert_same(store.load(RUN), record(key=KEY, expires_at=LATE))
+    assert store.find_key(KEY) == RUN
+    assert_deadline(store, LATE)
+    raises(CheckpointExists, lambda: store.save(record(OTHER, key=KEY)))
+    claim_next(store, 5)
+    assert store.find_key(KEY) is None
+    return outcome
+
+
+def setup_completed_with_result(store: FileStore) -> Context:
+    ctx = setup_in_flight(store)
+    store.complete(RUN, token=ctx["token"], result=RESULT)
+    return ctx
+
+
+def check_mark_delivered(store: FileStore, ctx: Context) -> str:
+    due = store.due_deliveries(0)
+    outcome = "before" if due == [RUN] else "after"
+    assert due in ([RUN], [])
+    if due:
+        store.mark_delivered(RUN)  # the caller's retry
+    assert store.due_deliveries(0) == []
+    ended = store.ended(RUN)
+    assert ended is not None and ended.result == RESULT, "the tombstone lost its result"
+    return outcome
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -534,7 +778,68 @@ SCENARIOS: dict[str, Scenario] = {
         setup_early_deadline, lambda s, c: s.due_timeouts(EARLY + SECOND), check_due_timeouts
     ),
     "prune_ended": Scenario(setup_prune, lambda s, c: s.prune_ended(0), check_prune),
+    "save naming a key takes its early answer": Scenario(
+        setup_early_answer,
+        lambda s, c: s.save(record(key=KEY, expires_at=LATE)),
+        check_keyed_save_takes_the_early_answer,
+    ),
+    "save naming a key over a stale key entry": Scenario(
+        setup_stale_key_entry,
+        lambda s, c: s.save(record(key=KEY, expires_at=LATE)),
+        check_keyed_save_over_a_stale_entry,
+    ),
+    "save re-pause with a new key": Scenario(
+        setup_in_flight_keyed,
+        lambda s, c: s.save(
+            record(step="second", pause_seq=2, key=KEY2, expires_at=EARLY), token=c["token"]
+        ),
+        check_repause_with_a_new_key,
+    ),
+    "answer_key keeps an early answer": Scenario(
+        nothing,
+        lambda s, c: s.answer_key(KEY, {"paid": 10}, "evt-1", ttl=LONG),
+        check_answer_key_keeps_an_early_answer,
+    ),
+    "answer_key to a live run": Scenario(
+        setup_keyed,
+        lambda s, c: s.answer_key(KEY, {"approved": True}, "req-1", ttl=LONG),
+        check_answer_key_to_a_live_run,
+    ),
+    "cancel releases the key": Scenario(
+        setup_keyed, lambda s, c: s.cancel(RUN), check_cancel_releases_the_key
+    ),
+    "complete with a result": Scenario(
+        setup_in_flight,
+        lambda s, c: s.complete(RUN, token=c["token"], result=RESULT),
+        check_complete_with_result,
+    ),
+    "mark_delivered": Scenario(
+        setup_completed_with_result, lambda s, c: s.mark_delivered(RUN), check_mark_delivered
+    ),
+    "complete a keyed run with a result": Scenario(
+        setup_in_flight_keyed,
+        lambda s, c: s.complete(RUN, token=c["token"], result=RESULT),
+        check_complete_keyed_with_result,
+    ),
+    "restore a keyed pause": Scenario(
+        nothing,
+        lambda s, c: s.restore(record(key=KEY, expires_at=LATE, last_token=4)),
+        lambda s, c: check_restore(s),
+    ),
 }
+
+#: The scenarios of the Redis store: the transitions of more than one round trip.
+REDIS_SCENARIOS = [
+    "save naming a key takes its early answer",
+    "save re-pause with a new key",
+    "answer_key keeps an early answer",
+    "answer_key to a live run",
+    "cancel releases the key",
+    "complete a keyed run with a result",
+    "restore a keyed pause",
+    "complete with a result",
+    "request_resume",
+]
 
 
 # -- the process the test drives -----------------------------------------------------------
@@ -574,8 +879,8 @@ def _start(name: str, directory: str) -> tuple[int, int, dict[str, Any]]:
 
     def body(report: int) -> None:
         os.close(go_write)
-        ctx = scenario.setup(FileStore(directory, fsync=False))
-        store = FileStore(directory)
+        ctx = scenario.setup(open_store(directory, setup=True))
+        store = open_store(directory)
         os.write(report, json.dumps({"ctx": ctx}).encode() + b"\n")
         os.read(go_read, 1)
         scenario.transition(store, ctx)
@@ -590,7 +895,7 @@ def _start(name: str, directory: str) -> tuple[int, int, dict[str, Any]]:
 
 def _check(name: str, directory: str, ctx: Context) -> dict[str, Any]:
     def body(report: int) -> None:
-        outcome = SCENARIOS[name].check(FileStore(directory), ctx)
+        outcome = SCENARIOS[name].check(open_store(directory), ctx)
         os.write(report, json.dumps({"outcome": outcome}).encode() + b"\n")
 
     pid, read_end = _fork(body)
@@ -627,3 +932,75 @@ def serve() -> None:
             reply = _check(command["scenario"], command["dir"], command["ctx"])
         sys.stdout.write(json.dumps(reply) + "\n")
         sys.stdout.flush()
+
+
+# -- the test's side: the server process and one kill point ---------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Server:
+    """The ``python -c`` process that forks the transitions and the checks."""
+
+    def __init__(self, log: IO[str]) -> None:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), *sys.path])))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from tests.contract.killpoints import serve; serve()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+
+    def ask(self, **command: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        assert line, "the kill-point server died"
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def kill_at(strace: str, server: Server, scenario: str, names: str, k: int, where: str) -> str:
+    """Run ``scenario``'s transition on the store at ``where`` with a SIGKILL on its
+    ``k``-th call of the system calls ``names`` (an strace set); check what it
+    left. Returns "done", or "killed, before" / "killed, after"; "unattached"
+    when strace cannot attach to a process here."""
+    started = server.ask(op="start", scenario=scenario, dir=where)
+    assert "error" not in started, started["error"]
+    inject = f"inject={names}:signal=SIGKILL:when={k}"
+    pid = str(started["pid"])
+    tracer = subprocess.Popen(
+        [strace, "-f", "-o", "/dev/null", "-e", f"trace={names}", "-e", inject, "-p", pid],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert tracer.stderr is not None
+    attached = tracer.stderr.readline()
+    if "attached" not in attached:
+        server.ask(op="go")
+        tracer.wait(30)
+        return "unattached: " + attached.strip()
+    ran = server.ask(op="go")["status"]
+    tracer.wait(30)
+    tracer.stderr.close()
+    assert ran in ("killed", "done"), f"{scenario}: the transition failed ({ran}), see the log"
+    checked = server.ask(op="check", scenario=scenario, dir=where, ctx=started["ctx"])
+    assert "error" not in checked, (
+        f"{scenario}, killed at {names.split(',')[0]} #{k}:\n{checked['error']}"
+        if ran == "killed"
+        else f"{scenario}, not killed:\n{checked['error']}"
+    )
+    if ran == "done":
+        assert checked["outcome"] == "after", f"{scenario} completed but left {checked}"
+        return "done"
+    return f"killed, {checked['outcome']}"

@@ -395,7 +395,8 @@ def interrupt_cancel(store: FileStore, root: Path, run_id: str) -> bytes:
 def test_a_paused_record_beside_its_tombstone_reads_as_ended_everywhere(
     store: FileStore, root: Path
 ) -> None:
-    store.save(make_run("r1", expires_at=EPOCH))
+    # A passed deadline that resumes (an expiring one would refuse the answer).
+    store.save(make_run("r1", expires_at=EPOCH, on_timeout="resume"))
     store.request_resume("r1", "in", "req-1")
     store.save(make_run("other"))
     interrupt_cancel(store, root, "r1")

@@ -12,20 +12,15 @@ Nothing in the store is mocked or patched.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
 
 from tests.conftest import require, require_tool
-from tests.contract.killpoints import SCENARIOS
+from tests.contract.killpoints import SCENARIOS, Server, kill_at
 
 #: The system calls a transition changes the store with, and the names they may
 #: have on other architectures (``?``: strace ignores a name it does not know).
@@ -39,40 +34,8 @@ SYSCALLS = {
     "utimensat": "utimensat,?utimes,?futimesat",
     "flock": "flock",
 }
-ROOT = Path(__file__).resolve().parents[2]
 #: No transition makes more calls than this of one kind: a loop that does is a bug.
 MAX_CALLS = 60
-
-
-class Server:
-    """The ``python -c`` process that forks the transitions and the checks."""
-
-    def __init__(self, log: IO[str]) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), *sys.path])))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from tests.contract.killpoints import serve; serve()"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            cwd=ROOT,
-            env=env,
-        )
-
-    def ask(self, **command: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        assert self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(command) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        assert line, "the kill-point server died"
-        reply: dict[str, Any] = json.loads(line)
-        return reply
-
-    def close(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(30)
 
 
 @pytest.fixture
@@ -83,41 +46,6 @@ def server(tmp_path: Path) -> Iterator[Server]:
             yield server
         finally:
             server.close()
-
-
-def kill_at(strace: str, server: Server, scenario: str, syscall: str, k: int, where: Path) -> str:
-    """Run ``scenario``'s transition with a SIGKILL on its ``k``-th ``syscall``;
-    check what it left. Returns "done" or "killed, <before|after>"."""
-    started = server.ask(op="start", scenario=scenario, dir=str(where))
-    assert "error" not in started, started["error"]
-    names = SYSCALLS[syscall]
-    inject = f"inject={names}:signal=SIGKILL:when={k}"
-    pid = str(started["pid"])
-    tracer = subprocess.Popen(
-        [strace, "-f", "-o", "/dev/null", "-e", f"trace={names}", "-e", inject, "-p", pid],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert tracer.stderr is not None
-    attached = tracer.stderr.readline()
-    if "attached" not in attached:
-        server.ask(op="go")
-        tracer.wait(30)
-        require(False, f"strace cannot attach to a process here: {attached.strip()}")
-    ran = server.ask(op="go")["status"]
-    tracer.wait(30)
-    tracer.stderr.close()
-    assert ran in ("killed", "done"), f"{scenario}: the transition failed ({ran}), see the log"
-    checked = server.ask(op="check", scenario=scenario, dir=str(where), ctx=started["ctx"])
-    assert "error" not in checked, (
-        f"{scenario}, killed at {syscall} #{k}:\n{checked['error']}"
-        if ran == "killed"
-        else f"{scenario}, not killed:\n{checked['error']}"
-    )
-    if ran == "done":
-        assert checked["outcome"] == "after", f"{scenario} completed but left {checked}"
-        return "done"
-    return f"killed, {checked['outcome']}"
 
 
 @pytest.mark.slow
@@ -134,7 +62,9 @@ def test_every_transition_killed_at_every_system_call_leaves_the_run_before_or_a
             for k in range(1, MAX_CALLS + 2):
                 assert k <= MAX_CALLS, f"{scenario} never completes under {syscall} kills"
                 n += 1
-                result = kill_at(strace, server, scenario, syscall, k, tmp_path / f"s{n}")
+                where = str(tmp_path / f"s{n}")
+                result = kill_at(strace, server, scenario, SYSCALLS[syscall], k, where)
+                require(not result.startswith("unattached"), f"strace cannot attach: {result}")
                 if result == "done":
                     break
                 points[scenario, syscall] += 1

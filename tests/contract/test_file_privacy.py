@@ -13,6 +13,7 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -33,15 +34,16 @@ def umask(request: pytest.FixtureRequest) -> Iterator[int]:
 
 def exercise(store: FileStore) -> None:
     """Every kind of file the store makes: records, leases, index entries, lock
-    files, tombstones and corrupt copies."""
-    store.save(make_run("paused", expires_at=utcnow()))
+    files, tombstones, key entries, early answers and corrupt copies."""
+    store.save(make_run("paused", expires_at=utcnow() + timedelta(hours=1), key="order/1"))
     store.request_resume("paused", "in", "req-1")
+    store.answer_key("stripe:pi_1", {"paid": True}, "evt-1", ttl=3600)
     store.save(make_run("done"))
     run = store.claim("done")
     assert run is not None
     assert run.lease is not None
     store.heartbeat("done", run.lease.token)
-    store.complete("done", token=run.lease.token)
+    store.complete("done", token=run.lease.token, result='{"ok": true}')
     store.save(make_run("cancelled"))
     store.cancel("cancelled")
     store.save(make_run("flying"))
@@ -64,9 +66,15 @@ def test_every_file_and_directory_the_store_creates_is_private(tmp_path: Path, u
     root = tmp_path / "deep" / "store"
     exercise(FileStore(root))
     found = modes(root)
-    assert {"paused/paused.json", "ended/done.json", "pending/paused", "deadlines/paused"} <= set(
-        found
-    )
+    assert {
+        "paused/paused.json",
+        "ended/done.json",
+        "pending/paused",
+        "deadlines/paused",
+        "undelivered/done",
+        "keys/order%1",
+        "early/stripe:pi_1.json",
+    } <= set(found)
     assert any(name.startswith("locks/") for name in found)
     assert any(".corrupt" in name for name in found)
     shared = {name: oct(mode) for name, mode in found.items() if mode & 0o077}

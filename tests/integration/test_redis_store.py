@@ -34,6 +34,7 @@ from celery_checkpoint import (
     CorruptCheckpoint,
     ImproperlyConfigured,
     PausedWorkflow,
+    PauseExpired,
     StoreUnavailable,
 )
 from celery_checkpoint.model import utcnow
@@ -699,6 +700,51 @@ def test_a_server_that_lost_its_scripts_gets_them_again_and_runs_each_call_once(
         ended = store.ended("r1")
         assert ended is not None and ended.status == "completed"
         assert store.claim("r1") is None
+    finally:
+        client.close()
+        store.close()
+
+
+# -- records an older version wrote ------------------------------------------------------
+
+
+def test_a_deadline_an_older_version_wrote_is_still_enforced_in_the_compare_and_set(
+    shared_prefix: str,
+) -> None:
+    """0.1.0 marked a pause with a deadline ``deadline=1`` without saying whether it
+    expires or resumes: the record says, and the deadline index says when."""
+    store = CheckpointStore.open(f"{SHARED_URL}?prefix={shared_prefix}")
+    client = redis.Redis.from_url(SHARED_URL)
+    try:
+        past = utcnow() - timedelta(seconds=1)
+        store.save(_record("expires", expires_at=past))
+        store.save(_record("resumes", expires_at=past, on_timeout="resume"))
+        for run_id in ("expires", "resumes"):
+            client.hset(_run_key(shared_prefix, run_id), "deadline", "1")
+        with pytest.raises(PauseExpired):
+            store.request_resume("expires", "late", "req-1")
+        assert store.request_resume("resumes", "late", "req-1").request_id == "req-1"
+        assert store.request_resume("expires", None, "t-1", timed_out=True).timed_out
+    finally:
+        client.close()
+        store.close()
+
+
+def test_a_tombstone_an_older_version_wrote_is_read_back_with_when_it_ended(
+    shared_prefix: str,
+) -> None:
+    store = CheckpointStore.open(f"{SHARED_URL}?prefix={shared_prefix}")
+    client = redis.Redis.from_url(SHARED_URL)
+    try:
+        store.save(_record("r1"))
+        store.cancel("r1")
+        client.hdel(_run_key(shared_prefix, "r1") + "/ended", "ended_at")
+        ended = store.ended("r1")
+        assert ended is not None and ended.status == "cancelled"
+        (listed,) = store.iter_ended()
+        assert listed.ended_at is not None and abs(listed.ended_at - utcnow()) < timedelta(
+            seconds=60
+        )
     finally:
         client.close()
         store.close()

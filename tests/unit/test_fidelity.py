@@ -61,8 +61,8 @@ class LosesOneCompleteReply(FileStore):
 
     lost = threading.Event()
 
-    def _complete(self, run_id: str, token: int | None) -> None:
-        super()._complete(run_id, token)
+    def _complete(self, run_id: str, token: int | None, result: str | None = None) -> None:
+        super()._complete(run_id, token, result)
         if not self.lost.is_set():
             self.lost.set()
             raise StoreUnavailable("reply lost", ConnectionResetError(104, "reset by peer"))

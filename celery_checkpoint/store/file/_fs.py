@@ -24,19 +24,30 @@ import time
 import uuid
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ...exceptions import StoreUnavailable
 from .._local import fs_type, refuse_network_fs
 
-__all__ = ["KINDS", "STALE_TMP_SECONDS", "Tree", "fs_type"]
+__all__ = ["KINDS", "STALE_TMP_SECONDS", "Tree", "fs_type", "key_name"]
 
 logger = logging.getLogger("celery_checkpoint.store.file")
 
 #: The store's subdirectories; see the layout in the package docstring.
-KINDS = ("paused", "inflight", "pending", "deadlines", "ended", "tmp", "locks")
-_RECORDS = frozenset({"paused", "inflight", "ended"})  # named <run_id>.json
+KINDS = (
+    "paused",
+    "inflight",
+    "pending",
+    "deadlines",
+    "ended",
+    "undelivered",
+    "keys",
+    "early",
+    "tmp",
+    "locks",
+)
+_RECORDS = frozenset({"paused", "inflight", "ended", "early"})  # named <name>.json
 _STRIPES = 256
 _DIR_MODE = 0o700
 _FILE_MODE = 0o600
@@ -106,7 +117,26 @@ class Tree:
     @contextlib.contextmanager
     def locked(self, run_id: str) -> Iterator[None]:
         """Hold the run's stripe lock: threads via a mutex, processes via flock."""
-        stripe = zlib.crc32(run_id.encode()) % _STRIPES
+        with self._stripe(zlib.crc32(run_id.encode()) % _STRIPES):
+            yield
+
+    @contextlib.contextmanager
+    def locked_all(self, run_ids: Iterable[str] = (), keys: Iterable[str] = ()) -> Iterator[None]:
+        """Hold the stripe locks of runs and business keys at once.
+
+        Stripes are taken in ascending order, each once (a run and a key may
+        share one): two callers locking overlapping sets never deadlock. A
+        caller holding a stripe must not ask for another one outside this call.
+        """
+        stripes = {zlib.crc32(run_id.encode()) % _STRIPES for run_id in run_ids}
+        stripes |= {_key_stripe(key) for key in keys}
+        with contextlib.ExitStack() as stack:
+            for stripe in sorted(stripes):
+                stack.enter_context(self._stripe(stripe))
+            yield
+
+    @contextlib.contextmanager
+    def _stripe(self, stripe: int) -> Iterator[None]:
         with self._thread_locks[stripe]:
             fd = os.open(
                 self._lock_names[stripe], os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _FILE_MODE
@@ -135,24 +165,24 @@ class Tree:
         finally:
             os.close(fd)
 
-    def write(self, kind: str, run_id: str, data: bytes, *, durable: bool = True) -> None:
+    def write(
+        self,
+        kind: str,
+        run_id: str,
+        data: bytes,
+        *,
+        durable: bool = True,
+        mtime: float | None = None,
+    ) -> None:
         """Atomically replace the file: unique temp name, fsync, rename, fsync the directory.
 
         On failure the temp file is removed and the old file is untouched.
         ``durable=False`` skips both fsyncs: still atomic for every reader,
-        but a power cut may lose the write or leave an empty file.
+        but a power cut may lose the write or leave an empty file. ``mtime``
+        dates the file (a restored tombstone keeps when its run ended).
         """
-        tmp = f"{self.dirs['tmp']}/{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        tmp = self._temp(data, durable=durable, mtime=mtime)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if self.fsync and durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
             os.rename(tmp, self.path(kind, run_id))
         except BaseException:
             with contextlib.suppress(OSError):
@@ -160,6 +190,46 @@ class Tree:
             raise
         if durable:
             self.sync_dir(kind)
+
+    def _temp(self, data: bytes, *, durable: bool, mtime: float | None = None) -> str:
+        """A new temp file holding ``data`` (fsynced if ``durable``); its path."""
+        tmp = f"{self.dirs['tmp']}/{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                if mtime is not None:
+                    os.utime(fd, (mtime, mtime))
+                if self.fsync and durable:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return tmp
+
+    def write_through(self, via: tuple[str, str], to: tuple[str, str], data: bytes) -> None:
+        """Replace the file ``via`` by ``data``, then move it to ``to``: two renames.
+
+        Whatever consumed ``via`` is gone in the same rename that makes ``to``
+        appear; a process killed between the two leaves ``data`` at ``via``,
+        for the reader of ``via`` to recognise and undo. Both directories are
+        fsynced: a power cut must not bring ``via`` back beside ``to``.
+        """
+        tmp = self._temp(data, durable=True)
+        try:
+            os.rename(tmp, self.path(*via))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.rename(self.path(*via), self.path(*to))
+        self.sync_dir(to[0])
+        self.sync_dir(via[0])
 
     def unlink(self, kind: str, run_id: str, *, sync: bool) -> bool:
         """Remove the file; ``sync`` makes the removal durable (fsync the directory)
@@ -275,6 +345,22 @@ class Tree:
             except FileNotFoundError:
                 continue
         return removed
+
+
+def key_name(key: str) -> str:
+    """A business key as a file name: ``/`` (which keys may hold) becomes ``%``,
+    which no key holds, so the mapping is one to one and keeps the length.
+
+    Hex or base32 would double the length: a 200-character key would pass
+    the 255 bytes a file name may have.
+    """
+    return key.replace("/", "%")
+
+
+def _key_stripe(key: str) -> int:
+    # "key/" cannot start a run id ('/' is not allowed in one): a key's stripe
+    # is not systematically a run's of the same text.
+    return zlib.crc32(b"key/" + key.encode()) % _STRIPES
 
 
 _OPEN_TREES: weakref.WeakSet[Tree] = weakref.WeakSet()

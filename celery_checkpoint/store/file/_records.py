@@ -1,23 +1,45 @@
 """How one run lives on disk: reading its record and lease, tolerating corruption,
 applying the repair rules of the package docstring, keeping its index entries,
-and re-arming it past a lost holder's token."""
+re-arming it past a lost holder's token; and how a business key and its early
+answer live on disk."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Iterator
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from ...exceptions import CorruptCheckpoint, LeaseLost, StoreUnavailable
-from ...model import Lease, RunRecord, corrupt_detail
-from ._fs import Tree
+from ...model import Lease, ResumeRequest, RunRecord, corrupt_detail, validate_run_id
+from ._fs import Tree, key_name
 
-__all__ = ["Records"]
+__all__ = ["EARLY_FIELD", "Early", "Records"]
+
+#: The field under which a record being written over an early answer carries
+#: that answer (see :meth:`Records._read_early`). Records ignore unknown fields.
+EARLY_FIELD = "_early_answer"
+
+
+@dataclass(frozen=True)
+class Early:
+    """An answer kept for a business key before a pause named it."""
+
+    request: ResumeRequest
+    expires: float  #: epoch seconds
+    raw: bytes  #: the file as stored
+
+
+def early_bytes(key: str, request: ResumeRequest, expires: float) -> bytes:
+    body = request.model_dump_json()
+    return f'{{"key":{json.dumps(key)},"expires_at":{expires!r},"request":{body}}}'.encode()
+
 
 logger = logging.getLogger("celery_checkpoint.store.file")
 
@@ -138,6 +160,12 @@ class Records:
             run.status = "completed"
             run.lease_ended_by = "complete"
             run.last_token += 1
+        if run is not None and run.ended_at is None:
+            # A tombstone of an older version, or a completion cut short: it
+            # ended when its file was last written.
+            when = self._fs.mtime("ended", run_id)
+            if when is not None:
+                run.ended_at = datetime.fromtimestamp(when, timezone.utc)
         return run
 
     # -- tolerant reads: a corrupt record must not block a transition of its own run
@@ -241,3 +269,68 @@ class Records:
                 run_id, f"token {token} ended by {run.lease_ended_by or 'a later claim'}"
             )
         raise LeaseLost(run_id, f"token {token} is not the current lease")
+
+    # -- business keys: keys/<key> names the run holding it, early/<key>.json an answer ----
+
+    def _key_holder(self, key: str) -> str | None:
+        """The run the key's index entry names (it holds the key only if its
+        record says so: see :meth:`_holds`)."""
+        data = self._fs.read("keys", key_name(key))
+        if not data:
+            return None
+        try:
+            return validate_run_id(data.decode())
+        except (UnicodeDecodeError, ValueError):
+            return None  # not one of ours: a save of the key overwrites it
+
+    def _holds(self, run_id: str, key: str) -> bool:
+        """Whether the run's live record names ``key``. Reads without the run's
+        lock and repairs nothing: a run gains a key only under the key's lock,
+        which the caller holds (or, for a read, does not need)."""
+        try:
+            run = self._read_run("paused", run_id)
+        except CorruptCheckpoint:
+            return False
+        return run is not None and run.key == key and not self._fs.exists("ended", run_id)
+
+    def _read_early(self, key: str) -> Early | None:
+        """The answer kept for ``key``, expired or not; the caller holds the key's lock.
+
+        A file holding a run's record instead is a save that consumed the
+        answer and was killed between its two renames (see ``write_through``):
+        the record never reached ``paused/``, so the answer is put back as it was.
+        """
+        fs, name = self._fs, key_name(key)
+        data = fs.read("early", name)
+        if data is None:
+            return None
+        try:
+            parsed = json.loads(data)
+            if isinstance(parsed, dict) and "run_id" in parsed:
+                kept = parsed[EARLY_FIELD]
+                data = json.dumps(kept, separators=(",", ":")).encode()
+                fs.write("early", name, data, mtime=float(kept["expires_at"]))
+                logger.info("key %s: put back the early answer of a save cut short", key)
+                parsed = kept
+            return Early(
+                request=ResumeRequest.model_validate(parsed["request"]),
+                expires=float(parsed["expires_at"]),
+                raw=data,
+            )
+        except (ValueError, TypeError, KeyError, ValidationError) as exc:
+            fs.move_aside("early", name, f"early answer of key {key!r}: {exc}")
+            return None
+
+    def _write_early(self, key: str, request: ResumeRequest, expires: float) -> None:
+        """Keep ``request`` for ``key`` until ``expires`` (the file's mtime, for the prune)."""
+        self._fs.write("early", key_name(key), early_bytes(key, request, expires), mtime=expires)
+
+    def _release_key(self, key: str, run_id: str | None) -> None:
+        """Drop the key's index entry if it names ``run_id`` (None: names no run)
+        and that run no longer holds the key. Called with no lock held; a
+        leftover entry is harmless (it names a run that does not hold the key)
+        and is overwritten by the next pause naming the key, or pruned."""
+        fs = self._fs
+        with fs.locked_all(keys=[key]):
+            if self._key_holder(key) == run_id and (run_id is None or not self._holds(run_id, key)):
+                fs.unlink("keys", key_name(key), sync=False)

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from datetime import datetime, timezone
 
 from ...exceptions import CorruptCheckpoint
-from ...model import RunRecord, utcnow, validate_run_id
+from ...model import RunRecord, utcnow, validate_key, validate_run_id
 from ..base import RunFilter, RunInfo, StoreStats, make_stats
-from ._fs import STALE_TMP_SECONDS
+from ._fs import STALE_TMP_SECONDS, key_name
 from ._records import Records
 
 __all__ = ["Sweeps"]
@@ -169,9 +169,42 @@ class Sweeps(Records):
                         fs.unlink("inflight", run_id, sync=False)
                         self._drop_indexes(run_id)
                     pruned += fs.unlink("ended", run_id, sync=False)
+                    # After the tombstone: an entry without one is dropped anyway.
+                    fs.unlink("undelivered", run_id, sync=False)
             if pruned:
                 fs.sync_dir("ended")
+            self._prune_keys()
         return pruned
+
+    def _prune_keys(self) -> None:
+        """Delete expired early answers (their file's mtime is their expiry) and key
+        entries whose run has no live record (left by a process killed between
+        ending a run and releasing its key)."""
+        fs, now = self._fs, time.time()
+        for entry in fs.entries("early"):
+            name = entry.name
+            if not name.endswith(".json"):
+                continue  # corrupt copies are evidence: never pruned
+            try:
+                if entry.stat().st_mtime > now:
+                    continue
+            except FileNotFoundError:
+                continue
+            key = name[: -len(".json")].replace("%", "/")
+            if not _is_key(key):
+                continue
+            with fs.locked_all(keys=(key,)):
+                early = self._read_early(key)  # under the lock: a save cut short is undone
+                if early is not None and early.expires <= now:
+                    fs.unlink("early", key_name(key), sync=False)
+        for name in fs.names("keys"):
+            key = name.replace("%", "/")
+            if not _is_key(key):
+                continue
+            holder = self._key_holder(key)
+            if holder is not None and fs.exists("paused", holder):
+                continue  # cheap: a live holder is not read
+            self._release_key(key, holder)
 
     def _due_timeouts(self, now: datetime | None) -> builtins.list[str]:
         """Deadline entries that are due, checked against their records: an entry
@@ -219,3 +252,11 @@ class Sweeps(Records):
                 if earliest is None or when < earliest:
                     earliest = when
         return None if earliest is None else datetime.fromtimestamp(earliest, timezone.utc)
+
+
+def _is_key(key: str) -> bool:
+    try:
+        validate_key(key)
+    except ValueError:
+        return False
+    return True

@@ -140,6 +140,11 @@ def overlay(run: RunRecord, ctl: dict[str, str]) -> None:
     }
     if "resume" in ctl or run.resume is not None:
         updates["resume"] = resume_from(ctl)
+    # Set by the scripts that end a run (and written as given by a restore).
+    if "ended_at" in ctl:
+        updates["ended_at"] = from_us(int(ctl["ended_at"]))
+    if "result" in ctl:
+        updates["result"] = ctl["result"]
     for name, value in updates.items():
         if getattr(run, name) != value:
             setattr(run, name, value)

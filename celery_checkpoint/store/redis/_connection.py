@@ -45,8 +45,13 @@ _RUN_SCRIPTS = frozenset(
         "cancel",
         "rearm",
         "quarantine",
+        "key_check",
+        "restore",
+        "mark_delivered",
     }
 )
+#: Scripts that act on one business key: they get the key prelude.
+_KEY_SCRIPTS = frozenset({"key_bind", "key_settle", "key_answer"})
 
 
 def import_redis() -> Any:
@@ -71,9 +76,14 @@ def _scripts_source() -> dict[str, str]:
         current.append(line)
     prelude = "\n".join(sections.pop("prelude"))
     run_prelude = "\n".join(sections.pop("run-prelude"))
+    key_prelude = "\n".join(sections.pop("key-prelude"))
     out: dict[str, str] = {}
     for name, lines in sections.items():
-        parts = [prelude, run_prelude] if name in _RUN_SCRIPTS else [prelude]
+        parts = [prelude]
+        if name in _RUN_SCRIPTS:
+            parts.append(run_prelude)
+        elif name in _KEY_SCRIPTS:
+            parts.append(key_prelude)
         out[name] = "\n".join([*parts, *lines])
     return out
 

@@ -45,6 +45,28 @@ class Records:
         result[0] = text(result[0])
         return result
 
+    def _key_run(self, script: str, action: str, key: str, *args: Any) -> builtins.list[Any]:
+        """One step on a business key's hash: one script in the key's own group."""
+        group = self._groups[group_of(key)]
+        try:
+            result = self._conn.evalsha(script, f"{group}key:{key}", key, group, *args)
+        except self._conn.errors as exc:
+            raise self._conn.unavailable(f"{action} of key {key!r}", "*", exc) from exc
+        result[0] = text(result[0])
+        return result
+
+    def _verify_key(self, key: str, run_id: str, nonce: str, prev: str) -> str:
+        """Settle the key's binding to ``run_id`` under ``nonce`` by what the run's
+        record says (step one: ``key_check`` in the run's group, which fences the
+        nonce unless the record carries it; step two: ``key_settle`` in the key's
+        group). Returns the verdict: 'current', 'prev' or 'gone'."""
+        verdict, written = self._run("key_check", "key check", run_id, key, nonce, prev)
+        self._settle(key, run_id, nonce, text(verdict), text(written))
+        return text(verdict)
+
+    def _settle(self, key: str, run_id: str, nonce: str, verdict: str, written: str) -> None:
+        self._key_run("key_settle", "key check", key, run_id, nonce, verdict, written)
+
     def _key(self, run_id: str, suffix: str = "") -> str:
         """A key of the run: its hash (no suffix), ``/ended``, ``/corrupt``..."""
         return f"{self._group(run_id)}run:{run_id}{suffix}"

@@ -315,6 +315,8 @@ class SqliteStore(Extensions, CheckpointStore):
         current = run.current_resume
         if current is not None and current.status == "pending":
             return None  # answered already: the early answer waits for a later pause
+        if run.on_timeout == "expire" and run.expires_at is not None and now >= us(run.expires_at):
+            return None  # too late for any answer: request_resume would refuse it
         early = db.execute(
             "SELECT request FROM early_answers WHERE key = ? AND expires_at > ?", (key, now)
         ).fetchone()
@@ -425,12 +427,8 @@ class SqliteStore(Extensions, CheckpointStore):
         current = resume_from(run_id, resume) if resume is not None and resume_seq == seq else None
         if current is not None and current.request_id == request_id:
             return current
-        # In flight with no request of this pause (a timeout or a redelivery
-        # claimed it): accepting would be lost when the holder completes.
-        if current is not None and (current.status == "pending" or live is not None):
-            raise AlreadyResumed(run_id, current.request_id)
-        if live is not None:
-            raise AlreadyResumed(run_id, f"<none: in flight under token {live}>")
+        # Past the deadline of an expiring pause only the timer's own request
+        # gets in: any other answer is too late, whatever else it would meet.
         now = now_us()
         if (
             not request.timed_out
@@ -442,6 +440,12 @@ class SqliteStore(Extensions, CheckpointStore):
                 f"run {run_id!r} stopped waiting at step {step!r} at "
                 f"{from_us(expires_at).isoformat()}: the answer came too late"
             )
+        # In flight with no request of this pause (a timeout or a redelivery
+        # claimed it): accepting would be lost when the holder completes.
+        if current is not None and (current.status == "pending" or live is not None):
+            raise AlreadyResumed(run_id, current.request_id)
+        if live is not None:
+            raise AlreadyResumed(run_id, f"<none: in flight under token {live}>")
         accepted = request.model_copy(update={"pause_seq": seq})
         db.execute(
             "UPDATE runs SET resume = ?, resume_seq = ?, resume_status = 'pending', "

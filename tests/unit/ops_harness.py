@@ -167,6 +167,13 @@ def build(store_dir: Path, **conf: Any) -> Ops:
             raise RuntimeError("the timed-out body failed")
         return run.resume_input
 
+    @checkpoints.task(bind=True, name="ops.keyed", shared=False)
+    def keyed(self: Any, key: str) -> Any:
+        run = checkpoints.current()
+        if not run.resumed:
+            raise Pause("await_event", key=key)
+        return run.resume_input
+
     @app.task(name="ops.errback", shared=False)
     def errback(request: Any, exc: BaseException, traceback: Any) -> None:
         ops.calls.append(("errback", request.id, type(exc).__name__, str(exc)))
@@ -181,6 +188,7 @@ def build(store_dir: Path, **conf: Any) -> Ops:
         two_step=two_step,
         gated=gated,
         fails_when_timed_out=fails_when_timed_out,
+        keyed=keyed,
         errback=errback,
         after=after,
     )

@@ -242,3 +242,24 @@ def test_resume_records_who_answered_and_show_prints_it(ops: Ops) -> None:
     assert (record.resume.actor, record.resume.via) == ("ana@example.com", "cli")
     shown = invoke(ops, *store, "show", run_id)
     assert "answered by  ana@example.com via cli at " in shown.stdout
+
+
+def test_resume_by_key_answers_the_run_paused_with_it_or_keeps_the_answer(ops: Ops) -> None:
+    store = ("--store", str(ops.store_dir))
+    early = invoke(ops, *store, "resume", "--key", "carrier:TRK-1", "--input", '"delivered"')
+    assert early.exit_code == 0, early.output
+    assert "no run holds key carrier:TRK-1 yet" in early.stdout
+    taken = ops.tasks["keyed"].delay("carrier:TRK-1")
+    assert taken.get(timeout=30) == "delivered"
+
+    late = ops.tasks["keyed"].delay("carrier:TRK-2")
+    ops.wait(lambda: ops.checkpoints.store.find_key("carrier:TRK-2"), "the keyed pause")
+    answered = invoke(
+        ops, *store, "resume", "--key", "carrier:TRK-2", "--input", '"lost"', "--json"
+    )
+    assert answered.exit_code == 0, answered.output
+    report = json.loads(answered.stdout)
+    assert report["run_id"] == late.id and report["early"] is False
+    assert late.get(timeout=30) == "lost"
+    assert "not both" in failed(invoke(ops, "resume", "some-run", "--key", "k"), 2)
+    assert "invalid key" in failed(invoke(ops, "resume", "--key", ".bad"), 2)

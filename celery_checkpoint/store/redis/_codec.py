@@ -1,4 +1,5 @@
-"""How a run lives in a Redis hash, and the time units the scripts use.
+"""How a run lives in a Redis hash, the arguments of the scripts that write one,
+and the time units the scripts use.
 
 A run's hash holds the record JSON as last saved (field ``record``, kept as
 bytes so a corrupt one is moved aside unchanged), the control fields that
@@ -14,17 +15,20 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ...exceptions import CorruptCheckpoint
-from ...model import Lease, Owner, ResumeRequest, RunRecord, validate_run_id
+from ...model import Lease, Owner, ResumeRequest, RunRecord, utcnow, validate_run_id
 
 __all__ = [
     "GROUPS",
+    "control_fields",
     "from_ms",
     "from_us",
     "group_of",
     "lease_from",
     "not_a_hash",
     "overlay",
+    "restore_args",
     "resume_from",
+    "save_args",
     "split",
     "split_flat",
     "text",
@@ -148,6 +152,101 @@ def overlay(run: RunRecord, ctl: dict[str, str]) -> None:
     for name, value in updates.items():
         if getattr(run, name) != value:
             setattr(run, name, value)
+
+
+def control_fields(run: RunRecord, resume: ResumeRequest | None) -> list[str]:
+    """The control fields written beside the record JSON (:func:`overlay` reads them
+    back); a field at its default (status paused, no recoveries) is left out."""
+    fields = ["pause_seq", str(run.pause_seq), "step", run.step]
+    if run.status != "paused":
+        fields += ["status", run.status]
+    if run.recoveries:
+        fields += ["recoveries", str(run.recoveries)]
+    if run.lease_ended_by is not None:
+        fields += ["ended_by", run.lease_ended_by]
+    if run.ended_reason is not None:
+        fields += ["ended_reason", run.ended_reason]
+    if run.expires_at is not None:
+        # In the deadline index; request_resume refuses answers past it
+        # unless the pause resumes on its timeout.
+        expires = run.on_timeout == "expire"
+        fields += ["deadline", str(us(run.expires_at)) if expires else "r"]
+    if resume is not None:
+        fields += [
+            "resume",
+            resume.model_dump_json(),
+            "resume_id",
+            resume.request_id,
+            "resume_seq",
+            str(resume.pause_seq),
+            "resume_status",
+            resume.status,
+        ]
+        if resume.error is not None:
+            fields += ["resume_error", resume.error]
+    return fields
+
+
+def save_args(
+    paused: RunRecord,
+    token: int | None,
+    create: bool,
+    resume: ResumeRequest | None,
+    binding: tuple[str, str, int, bool] | None = None,
+) -> list[Any]:
+    """The save script's run id and arguments; ``binding`` is (key, nonce, the
+    binding's time, whether the record takes the early answer reserved with it)."""
+    # The JSON is written as given. The control fields written beside it, and
+    # last_token / lease_ended_by which the script decides, override it on read;
+    # a field at its default (status paused, no recoveries) is left out.
+    fields = control_fields(paused, resume)
+    if binding is not None:
+        fields += ["key", binding[0], "key_nonce", binding[1]]
+    if token is not None:
+        fields += ["ended_by", "repause"]  # after the record's own, so it wins
+    key, nonce, since, takes = binding or ("", "", "", False)
+    return [
+        paused.run_id,
+        "create" if create else ("" if token is None else token),
+        paused.to_json(),
+        paused.last_token,
+        us(paused.paused_at),
+        "" if paused.expires_at is None else us(paused.expires_at),
+        "" if resume is None else resume.status,
+        key,
+        nonce,
+        since,
+        "1" if takes else "",
+        *fields,
+    ]
+
+
+def restore_args(run: RunRecord, binding: tuple[str, str, int] | None) -> list[Any]:
+    """The restore script's run id and arguments; ``binding`` is (key, nonce, the
+    binding's time) for a paused run naming a key."""
+    fields = control_fields(run, run.resume)
+    ended_at = ""
+    if run.ended:
+        ended_at = str(us(run.ended_at or utcnow()))
+        if run.result is not None:
+            fields += ["result", run.result]
+    if binding is not None:
+        fields += ["key", binding[0], "key_nonce", binding[1]]
+    key, nonce, since = binding or ("", "", "")
+    return [
+        run.run_id,
+        "ended" if run.ended else "paused",
+        run.to_json(),
+        run.last_token,
+        us(run.paused_at),
+        "" if run.expires_at is None or run.ended else us(run.expires_at),
+        "" if run.resume is None or run.ended else run.resume.status,
+        ended_at,
+        key,
+        nonce,
+        since,
+        *fields,
+    ]
 
 
 def lease_from(ctl: dict[str, str]) -> Lease:

@@ -1,5 +1,6 @@
-"""How one run lives in Redis: its keys, the call of one transition script, and
-parsing (or moving aside) its hash."""
+"""How one run lives in Redis: its keys, the call of one transition script,
+parsing (or moving aside) its hash, and the check of a business key's binding
+that every step on a key ends with."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, cast
 
 from pydantic import ValidationError
 
-from ...exceptions import CorruptCheckpoint, StoreUnavailable
+from ...exceptions import CheckpointExists, CorruptCheckpoint, LeaseLost, StoreUnavailable
 from ...model import Owner, RunRecord, corrupt_detail
 from ._codec import group_of, not_a_hash, overlay, split, text, wrong_type
 from ._connection import Connection
@@ -23,7 +24,7 @@ logger = logging.getLogger("celery_checkpoint.store.redis")
 
 
 class Records:
-    """Per-run helpers shared by the Redis store's transitions and sweeps."""
+    """Per-run helpers shared by the Redis store's transitions, key steps and sweeps."""
 
     _conn: Connection
     _groups: builtins.list[str]
@@ -67,9 +68,30 @@ class Records:
     def _settle(self, key: str, run_id: str, nonce: str, verdict: str, written: str) -> None:
         self._key_run("key_settle", "key check", key, run_id, nonce, verdict, written)
 
+    def _release_key(self, run_id: str, key: str, nonce: str) -> None:
+        """The run's record no longer names ``key`` under ``nonce`` (it ended, or
+        names another key): unbind the key. Not raised if it fails: a binding
+        whose run does not hold the key is settled by the next look at the key."""
+        try:
+            self._verify_key(key, run_id, nonce, "")
+        except StoreUnavailable as exc:
+            logger.warning("run %s: key %r left to release later: %s", run_id, key, exc)
+
     def _key(self, run_id: str, suffix: str = "") -> str:
         """A key of the run: its hash (no suffix), ``/ended``, ``/corrupt``..."""
         return f"{self._group(run_id)}run:{run_id}{suffix}"
+
+    @staticmethod
+    def _save_refused(run_id: str, token: int | None, result: builtins.list[Any]) -> None:
+        """Raise the contract's error for a save the script refused (nothing saved)."""
+        if result[0] == "lost":
+            raise LeaseLost(run_id, f"token {token} is not the current lease")
+        if result[0] == "exists":
+            raise CheckpointExists(run_id, text(result[1]))
+        if result[0] == "inflight":
+            raise LeaseLost(
+                run_id, f"the run is in flight under token {int(result[1])}; save with it"
+            )
 
     def _default_owner(self) -> tuple[Owner, str]:
         pid = os.getpid()

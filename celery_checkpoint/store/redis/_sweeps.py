@@ -19,7 +19,6 @@ from ...model import Owner, RunRecord
 from ..base import RunFilter, RunInfo, StoreStats, make_stats
 from ._codec import (
     from_us,
-    group_of,
     lease_from,
     not_a_hash,
     split,
@@ -29,22 +28,17 @@ from ._codec import (
     valid,
     wrong_type,
 )
-from ._records import Records
+from ._keys import Keys
 
-__all__ = ["Sweeps"]
+__all__ = ["PAGE", "Sweeps"]
 
 logger = logging.getLogger("celery_checkpoint.store.redis")
 
-_PAGE = 100  # runs read per round trip by list() and iter_ended()
+PAGE = 100  # runs read per round trip by list() and iter_ended()
 _DUE_BATCH = 500  # index entries examined per script run by the due and prune passes
-#: A key binding unsettled this long (server ms) is a save cut short: prune settles it.
-_UNSETTLED_MS = 60_000
-#: How long the nonces a key check fenced or found written are kept (server ms);
-#: a save refuses a binding older than an hour, so none asks after that.
-_NONCES_MS = 86_400_000
 
 
-class Sweeps(Records):
+class Sweeps(Keys):
     """The store's passes over its group indexes; see the module docstring."""
 
     def _recover_orphaned(self) -> builtins.list[RunRecord]:
@@ -138,7 +132,7 @@ class Sweeps(Records):
 
             def scan() -> tuple[int, builtins.list[tuple[bytes, float]]]:
                 page: tuple[int, builtins.list[tuple[bytes, float]]]
-                page = self._conn.client.zscan(group + "paused", cursor, count=_PAGE)  # noqa: B023
+                page = self._conn.client.zscan(group + "paused", cursor, count=PAGE)  # noqa: B023
                 return page
 
             while True:
@@ -225,6 +219,9 @@ class Sweeps(Records):
     def _due_resumes(self, older_than: float) -> builtins.list[str]:
         return self._due_pass("due_resumes", "pending", older_than)
 
+    def _due_deliveries(self, older_than: float) -> builtins.list[str]:
+        return self._due_pass("due_deliveries", "undelivered", older_than)
+
     def _due_pass(self, script: str, index: str, older_than: float) -> builtins.list[str]:
         """Ids of each group's ``index`` last marked over ``older_than`` seconds ago,
         each marked now by ``script`` (batches of one script run each)."""
@@ -269,93 +266,6 @@ class Sweeps(Records):
                     break
         self._prune_keys()
         return pruned
-
-    def _prune_keys(self) -> None:
-        """Expired early answers go; bindings left unsettled for a minute (a save
-        killed between its steps) are settled; then the nonces recorded by the key
-        checks are forgotten after a day. In that order: a nonce is forgotten only
-        once no binding can still ask about it."""
-        for group in self._groups:
-            offset = 0  # past the answers a batch left (reserved by a save)
-            while True:
-                with self._conn.io("prune_ended", "*"):
-                    examined, left = self._conn.scripts["prune_early"](
-                        keys=[group + "early"], args=[_DUE_BATCH, group + "key:", offset]
-                    )
-                offset += int(left)
-                if int(examined) < _DUE_BATCH:
-                    break
-        for group in self._groups:
-            with self._conn.io("prune_ended", "*"):
-                stuck = self._conn.scripts["older"](
-                    keys=[group + "unsettled"], args=[_UNSETTLED_MS, "list"]
-                )
-            for raw in stuck:
-                self._settle_stuck(text(raw))
-        for group in self._groups:
-            with self._conn.io("prune_ended", "*"):
-                self._conn.scripts["older"](keys=[group + "nonces"], args=[_NONCES_MS, "remove"])
-
-    def _settle_stuck(self, key: str) -> None:
-        group = self._groups[group_of(key)]
-        binding = self._conn.read(
-            "prune_ended",
-            "*",
-            lambda: self._conn.client.hmget(f"{group}key:{key}", "run", "nonce", "prev", "since"),
-        )
-        run_id, nonce, prev, since = (None if v is None else text(v) for v in binding)
-        if run_id is None or nonce is None or since is None:
-            return  # settled meanwhile (which drops the index entry too)
-        self._verify_key(key, run_id, nonce, prev or "")
-
-    def _iter_ended(self) -> Iterator[RunRecord]:
-        """Each group's ended index, paged with ``ZSCAN``; the tombstones read in a
-        pipeline per page."""
-        for group in self._groups:
-            seen: set[str] = set()
-            cursor = 0
-
-            def scan() -> tuple[int, builtins.list[tuple[bytes, float]]]:
-                page: tuple[int, builtins.list[tuple[bytes, float]]]
-                page = self._conn.client.zscan(group + "ended", cursor, count=_PAGE)  # noqa: B023
-                return page
-
-            while True:
-                cursor, page = self._conn.read("iter_ended", "*", scan)
-                batch = {
-                    text(m): score for m, score in page if valid(text(m)) and text(m) not in seen
-                }
-                seen.update(batch)
-                if batch:
-                    yield from self._ended_batch(group, batch)
-                if int(cursor) == 0:
-                    break
-
-    def _ended_batch(self, group: str, batch: dict[str, float]) -> Iterator[RunRecord]:
-        """The tombstones of ``batch`` (run id -> when it ended, server ms)."""
-
-        def do() -> builtins.list[Any]:
-            pipe = self._conn.client.pipeline(transaction=False)
-            for run_id in batch:
-                pipe.hgetall(f"{group}run:{run_id}/ended")
-            result: builtins.list[Any] = pipe.execute(raise_on_error=False)
-            return result
-
-        for run_id, raw in zip(list(batch), self._conn.read("iter_ended", "*", do), strict=True):
-            if isinstance(raw, Exception):
-                if wrong_type(raw):
-                    logger.warning("skipping corrupt tombstone: %s", not_a_hash(run_id))
-                    continue
-                raise self._conn.unavailable("iter_ended", run_id, raw)
-            body, ctl = split(cast("dict[Any, Any]", raw).items())
-            if body is None:
-                continue  # pruned, or replaced by a new run, while we read
-            if "ended_at" not in ctl:  # ended under an older version: the index says when
-                ctl["ended_at"] = str(round(batch[run_id]) * 1000)
-            try:
-                yield self._record(run_id, body, ctl)
-            except CorruptCheckpoint as exc:
-                logger.warning("skipping corrupt tombstone: %s", exc)
 
     def _due_timeouts(self, now: datetime | None) -> builtins.list[str]:
         bound = "" if now is None else us(now)

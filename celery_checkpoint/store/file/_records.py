@@ -1,51 +1,30 @@
 """How one run lives on disk: reading its record and lease, tolerating corruption,
 applying the repair rules of the package docstring, keeping its index entries,
-re-arming it past a lost holder's token; and how a business key and its early
-answer live on disk."""
+re-arming it past a lost holder's token; and the business key entry that names
+it, released when the run no longer holds the key (early answers: :mod:`._keys`)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from ...exceptions import CorruptCheckpoint, LeaseLost, StoreUnavailable
-from ...model import Lease, ResumeRequest, RunRecord, corrupt_detail, validate_run_id
+from ...model import Lease, RunRecord, corrupt_detail, validate_run_id
 from ._fs import Tree, key_name
 
-__all__ = ["EARLY_FIELD", "Early", "Records"]
-
-#: The field under which a record being written over an early answer carries
-#: that answer (see :meth:`Records._read_early`). Records ignore unknown fields.
-EARLY_FIELD = "_early_answer"
-
-
-@dataclass(frozen=True)
-class Early:
-    """An answer kept for a business key before a pause named it."""
-
-    request: ResumeRequest
-    expires: float  #: epoch seconds
-    raw: bytes  #: the file as stored
-
-
-def early_bytes(key: str, request: ResumeRequest, expires: float) -> bytes:
-    body = request.model_dump_json()
-    return f'{{"key":{json.dumps(key)},"expires_at":{expires!r},"request":{body}}}'.encode()
-
+__all__ = ["Records"]
 
 logger = logging.getLogger("celery_checkpoint.store.file")
 
 
 class Records:
-    """Per-run reads and writes shared by the file store's transitions and sweeps."""
+    """Per-run reads and writes shared by the file store's transitions, keys and sweeps."""
 
     root: Path
     _fs: Tree
@@ -270,7 +249,7 @@ class Records:
             )
         raise LeaseLost(run_id, f"token {token} is not the current lease")
 
-    # -- business keys: keys/<key> names the run holding it, early/<key>.json an answer ----
+    # -- business keys: keys/<key> names the run holding it --------------------------------
 
     def _key_holder(self, key: str) -> str | None:
         """The run the key's index entry names (it holds the key only if its
@@ -292,38 +271,6 @@ class Records:
         except CorruptCheckpoint:
             return False
         return run is not None and run.key == key and not self._fs.exists("ended", run_id)
-
-    def _read_early(self, key: str) -> Early | None:
-        """The answer kept for ``key``, expired or not; the caller holds the key's lock.
-
-        A file holding a run's record instead is a save that consumed the
-        answer and was killed between its two renames (see ``write_through``):
-        the record never reached ``paused/``, so the answer is put back as it was.
-        """
-        fs, name = self._fs, key_name(key)
-        data = fs.read("early", name)
-        if data is None:
-            return None
-        try:
-            parsed = json.loads(data)
-            if isinstance(parsed, dict) and "run_id" in parsed:
-                kept = parsed[EARLY_FIELD]
-                data = json.dumps(kept, separators=(",", ":")).encode()
-                fs.write("early", name, data, mtime=float(kept["expires_at"]))
-                logger.info("key %s: put back the early answer of a save cut short", key)
-                parsed = kept
-            return Early(
-                request=ResumeRequest.model_validate(parsed["request"]),
-                expires=float(parsed["expires_at"]),
-                raw=data,
-            )
-        except (ValueError, TypeError, KeyError, ValidationError) as exc:
-            fs.move_aside("early", name, f"early answer of key {key!r}: {exc}")
-            return None
-
-    def _write_early(self, key: str, request: ResumeRequest, expires: float) -> None:
-        """Keep ``request`` for ``key`` until ``expires`` (the file's mtime, for the prune)."""
-        self._fs.write("early", key_name(key), early_bytes(key, request, expires), mtime=expires)
 
     def _release_key(self, key: str, run_id: str | None) -> None:
         """Drop the key's index entry if it names ``run_id`` (None: names no run)

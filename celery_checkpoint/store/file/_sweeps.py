@@ -5,6 +5,7 @@ and takes each run's lock only for the run it acts on."""
 from __future__ import annotations
 
 import builtins
+import contextlib
 import logging
 import os
 import time
@@ -15,14 +16,14 @@ from ...exceptions import CorruptCheckpoint
 from ...model import RunRecord, utcnow, validate_key, validate_run_id
 from ..base import RunFilter, RunInfo, StoreStats, make_stats
 from ._fs import STALE_TMP_SECONDS, key_name
-from ._records import Records
+from ._keys import Keys
 
 __all__ = ["Sweeps"]
 
 logger = logging.getLogger("celery_checkpoint.store.file")
 
 
-class Sweeps(Records):
+class Sweeps(Keys):
     """The store's passes over its indexes; see the module docstring."""
 
     lease_seconds: float
@@ -141,6 +142,32 @@ class Sweeps(Records):
                     # In flight, the entry stays (looked at again a period later):
                     # the lease is not durable, and if a power cut takes it the
                     # request must still be found.
+        return due
+
+    def _due_deliveries(self, older_than: float) -> builtins.list[str]:
+        due: builtins.list[str] = []
+        now = time.time()
+        fs = self._fs
+        with self._io("due_deliveries", "*"):
+            for entry in fs.entries("undelivered"):
+                try:
+                    if entry.stat().st_mtime > now - older_than:
+                        continue
+                    run_id = validate_run_id(entry.name)
+                except (FileNotFoundError, ValueError):
+                    continue
+                with fs.locked(run_id):
+                    try:
+                        ended = self._read_ended(run_id)
+                    except CorruptCheckpoint:
+                        ended = None
+                    if ended is None or ended.status != "completed" or ended.result is None:
+                        fs.unlink("undelivered", run_id, sync=False)  # nothing to deliver
+                        continue
+                    # Not synced: a new time a power cut loses means one more delivery.
+                    with contextlib.suppress(FileNotFoundError):
+                        os.utime(fs.path("undelivered", run_id), (now, now))
+                        due.append(run_id)
         return due
 
     def _prune_ended(self, older_than: float) -> int:

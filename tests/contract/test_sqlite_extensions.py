@@ -17,7 +17,7 @@ from celery_checkpoint import PausedWorkflow
 from celery_checkpoint.model import utcnow
 from celery_checkpoint.store.base import Order
 from celery_checkpoint.store.sqlite import SqliteStore
-from celery_checkpoint.store.sqlite._extensions import PAGE
+from celery_checkpoint.store.sqlite._sweeps import PAGE
 from tests.contract.helpers import make_run
 
 LONG = 3600.0

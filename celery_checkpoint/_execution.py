@@ -12,7 +12,9 @@ acknowledged and do nothing), heartbeats the lease while the body runs, then:
   lost, then Celery's own failure and retry handling runs.
 
 A lease lost meanwhile (cancelled, or recovered elsewhere) turns any of these
-into a logged ``Ignore``: the run belongs to someone else now.
+into a logged ``Ignore``: the run belongs to someone else now. How the lease
+ends lives in :mod:`._outcomes`; the wait for the pausing worker's PAUSED state
+before a resumed body runs in :mod:`._paused_state`.
 """
 
 from __future__ import annotations
@@ -22,58 +24,35 @@ import functools
 import inspect
 import logging
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
-from celery import current_task, states
+from celery import current_task
 from celery.exceptions import Ignore
 
 from . import signals
 from ._bound import Bound, BoundTask
 from ._client import HEADER
-from ._delivery import DELIVER, encode_result, kept_value, track
+from ._delivery import DELIVER, kept_value, track
 from ._events import announce, send_task_event
 from ._heartbeat import Beat, heartbeats
+from ._outcomes import Claim, Outcomes
+from ._paused_state import await_paused_state
 from ._pausing import IGNORE, Pausing
-from ._results import readable
-from .exceptions import LeaseLost, PauseExpired, ResumeRejected, StoreUnavailable
-from .model import Owner, ResumeRequest, RunRecord, utcnow, validate_run_id
-from .pause import PAUSED, RESUMING, Pause, Run, revalidate
+from .exceptions import ResumeRejected
+from .model import Owner, validate_run_id
+from .pause import Pause, Run, revalidate
 
 __all__ = ["Executor"]
 
 logger = logging.getLogger("celery_checkpoint")
-
-#: Longest a resumed body waits for the pausing worker's PAUSED state (seconds).
-_PAUSED_STATE_WAIT = 5.0
-#: A pause older than this has stored its PAUSED state long ago, or never will.
-_PAUSED_STATE_RECENT = timedelta(minutes=1)
-#: Waits between attempts to complete a run while the store is unreachable (seconds).
-_COMPLETE_RETRIES = (0.05, 0.2, 0.5, 1.0, 2.0)
 
 _CURRENT: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
     "checkpoint_run", default=None
 )
 
 
-@dataclass(frozen=True)
-class _Claim:
-    """A resume message's won claim, and what it must do (read from the record)."""
-
-    run: RunRecord
-    token: int
-    request: ResumeRequest | None
-    timed_out: bool
-
-    @property
-    def expires(self) -> bool:
-        return self.timed_out and self.run.on_timeout == "expire"
-
-
-class Executor:
+class Executor(Outcomes):
     """Runs checkpointed bodies for one bound app."""
 
     def __init__(self, bound: Bound, pausing: Pausing) -> None:
@@ -214,7 +193,7 @@ class Executor:
         )
         context = _CURRENT.set(current)
         try:
-            self._await_paused_state(task, claim.run)
+            await_paused_state(task, claim.run)
             return self._run_body(task, fun, args, kwargs, claim, beat)
         finally:
             beat.stop()
@@ -234,7 +213,7 @@ class Executor:
         track(self.bound, run_id)
         return kept_value(ended)
 
-    def _resumed_run(self, claim: _Claim) -> Run | None:
+    def _resumed_run(self, claim: Claim) -> Run | None:
         """The body's view of a claimed run; an input that no longer validates releases it."""
         run, request = claim.run, claim.request
         resume_input = None
@@ -270,7 +249,7 @@ class Executor:
         fun: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        claim: _Claim,
+        claim: Claim,
         beat: Beat,
     ) -> Any:
         """Run the claimed body and end its lease by what it did (see the module docstring)."""
@@ -301,47 +280,7 @@ class Executor:
                 raise Ignore() from exc
             raise
 
-    def _await_paused_state(self, task: BoundTask, run: RunRecord) -> None:
-        """Wait (briefly) until the pausing worker has stored PAUSED for this pause.
-
-        It saves the checkpoint first and stores the Celery state just after; a
-        resume fast enough to finish in between would have its SUCCESS
-        overwritten by that late PAUSED. Normally the state is there already
-        and this is one result-backend read. Nothing waits when the state
-        cannot be read back (no result backend, ``rpc://``) or when the pause
-        is older than any such late write (PAUSED may have expired from the
-        backend since: the store, not the backend, says the run is paused).
-        """
-        if not readable(task.backend) or utcnow() - run.paused_at > _PAUSED_STATE_RECENT:
-            return
-        deadline = time.monotonic() + _PAUSED_STATE_WAIT
-        while True:
-            try:
-                meta = task.backend.get_task_meta(run.run_id, cache=False)
-            except Exception:  # a backend that stores nothing, or is down: do not wait
-                return
-            state = meta.get("status")
-            result = meta.get("result")
-            if state in (RESUMING, states.RETRY) or state in states.READY_STATES:
-                return  # past the pause: a retry of the resumed body stored RETRY over it
-            if (
-                state == PAUSED
-                and isinstance(result, dict)
-                and result.get("pause_seq", run.pause_seq) >= run.pause_seq
-            ):
-                return
-            if time.monotonic() >= deadline:
-                logger.warning(
-                    "run %s: resuming although the result backend does not show pause %d "
-                    "(state %s): the pausing worker may have died between its two writes",
-                    run.run_id,
-                    run.pause_seq,
-                    state,
-                )
-                return
-            time.sleep(0.01)
-
-    def _claim(self, run_id: str, pause_seq: int | None, owner: Owner) -> _Claim | None:
+    def _claim(self, run_id: str, pause_seq: int | None, owner: Owner) -> Claim | None:
         """Claim the run for one resume message; None when another delivery owns it.
 
         What runs is read from the claimed record, not from the message: the
@@ -354,107 +293,7 @@ class Executor:
         if run is None or run.lease is None:
             return None
         request = run.current_resume
-        return _Claim(run, run.lease.token, request, request is not None and request.timed_out)
-
-    def _expire(self, sender: BoundTask, claim: _Claim) -> None:
-        """End a claimed run whose pause timed out with ``on_timeout="expire"``; always raises.
-
-        ``PauseExpired`` reaches Celery, which stores FAILURE and runs the
-        error callbacks; ``Ignore`` if the run was cancelled meanwhile.
-        """
-        run = claim.run
-        try:
-            ended = self.bound.store.end(
-                run.run_id, "expired", reason="pause timed out", token=claim.token
-            )
-        except LeaseLost as lost:
-            logger.error("run %s: expiry dropped, the run moved on: %s", run.run_id, lost)
-            raise Ignore() from lost
-        announce(
-            "expired",
-            signals.checkpoint_expired,
-            sender,
-            ended if ended is not None else run,
-            level=logging.WARNING,
-            log={"expires_at": run.expires_at},
-        )
-        raise PauseExpired(
-            f"run {run.run_id!r} expired: nobody resumed it at step {run.step!r} before "
-            f"{run.expires_at.isoformat() if run.expires_at else 'its deadline'}"
-        )
-
-    def _ended_by_ignore(self, claim: _Claim) -> bool:
-        """Complete a run whose body raised ``Ignore``; False if the lease was lost."""
-        try:
-            self._finish(claim)
-        except LeaseLost as lost:
-            logger.error("run %s: ignored after its lease was lost: %s", claim.run.run_id, lost)
-            return False
-        logger.info(
-            "run %s: the resumed body raised Ignore (or replaced itself): the run is complete "
-            "and its task id belongs to whatever the body sent on",
-            claim.run.run_id,
-        )
-        return True
-
-    def _finish(self, claim: _Claim, result: str | None = None) -> None:
-        """``store.complete`` for the claim, re-sent while the store is unreachable.
-
-        A lost reply leaves the completion applied or not; ``complete`` with the
-        same token recognises its own earlier completion, so sending it again
-        is safe and tells which.
-        """
-        run_id = claim.run.run_id
-        for delay in (*_COMPLETE_RETRIES, None):
-            try:
-                self.bound.store.complete(run_id, token=claim.token, result=result)
-                return
-            except StoreUnavailable as exc:
-                if delay is None:
-                    raise
-                logger.warning(
-                    "run %s: completing failed (%s); trying again in %ss", run_id, exc, delay
-                )
-                time.sleep(delay)
-
-    def _release(self, run_id: str, token: int, exc: BaseException) -> bool:
-        """Give the run back after the body raised; False if the lease was lost."""
-        try:
-            self.bound.store.release(run_id, token, error=f"{type(exc).__name__}: {exc}")
-        except LeaseLost as lost:
-            logger.error(
-                "run %s: body raised %r after its lease was lost (cancelled or recovered "
-                "elsewhere), failure dropped: %s",
-                run_id,
-                exc,
-                lost,
-            )
-            return False
-        logger.info("run %s: body raised %r; run released back to PAUSED", run_id, exc)
-        return True
-
-    def _complete(self, task: BoundTask, claim: _Claim, result: Any) -> None:
-        run = claim.run
-        kept = encode_result(result)
-        try:
-            self._finish(claim, kept)
-        except LeaseLost as lost:
-            # Cancelled, or another worker owns the run now: storing this result
-            # would overwrite REVOKED or race the new owner.
-            logger.error(
-                "run %s: finished after its lease was lost, result dropped: %s", run.run_id, lost
-            )
-            raise Ignore() from lost
-        if kept is not None:
-            track(self.bound, run.run_id)
-        announce(
-            "completed",
-            signals.checkpoint_completed,
-            task,
-            run,
-            log={"token": claim.token},
-            result=result,
-        )
+        return Claim(run, run.lease.token, request, request is not None and request.timed_out)
 
 
 def _call(

@@ -1,42 +1,16 @@
-"""A form drawn from a pause's ``expects`` JSON Schema, and the answer read back from it.
-
-:func:`build_form` turns the schema into :class:`Field` s, the way Prefect draws
-its resume form from the input model:
-
-==============================================  ==========================================
-schema                                          field
-==============================================  ==========================================
-``boolean``                                     a checkbox (a yes/no/empty select if nullable)
-``enum``, ``const``, ``anyOf`` of consts        radio buttons (up to 4 choices) or a select
-``integer``, ``number``                         a number input with min/max/step from the bounds
-``string`` (``email``, ``date``, ``date-time``,  a text input of that type, with length limits
-``uri``, ``time`` formats)                      and pattern
-``object`` with ``properties``                  a fieldset of the properties (``$ref`` resolved)
-``array`` of choices                            a group of checkboxes
-``array`` of strings or numbers                 a textarea, one item per line
-``X | None``                                    the field of X, empty meaning null
-anything else, or no ``expects`` at all         a JSON textarea, checked on the server
-==============================================  ==========================================
-
-:func:`read_answer` turns the submitted form back into the JSON answer, and
-:func:`place_errors` puts pydantic's errors beside the fields their ``loc``
-names. The server validates the answer against ``expects`` as every resume
-does; the browser's own checks (``required``, ``min``...) only save a round trip.
-"""
+"""The fields of a form drawn from a pause's ``expects`` JSON Schema (the table
+in the package docstring says which schema makes which field)."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-__all__ = ["Choice", "Field", "Form", "build_form", "initial_values", "place_errors", "read_answer"]
+from ._fields import Choice, Field, Form
 
-Kind = Literal[
-    "checkbox", "choice", "multichoice", "number", "text", "textarea", "lines", "json", "group"
-]
+__all__ = ["build_form"]
 
 _FORMATS = {
     "email": "email",
@@ -49,58 +23,6 @@ _FORMATS = {
 _MAX_DEPTH = 6
 _RADIO_LIMIT = 4
 _LONG_TEXT = 200
-
-
-@dataclass(frozen=True)
-class Choice:
-    value: str  #: the JSON text of the value: types survive the round trip
-    label: str
-
-
-@dataclass
-class Field:
-    """One input (or a fieldset of them) of the form."""
-
-    name: str  #: the HTML name: the property path joined by "."
-    path: tuple[str, ...]  #: where the value goes in the answer
-    label: str
-    kind: Kind
-    id: str = ""
-    required: bool = False
-    nullable: bool = False
-    has_default: bool = False
-    default: Any = None
-    help: str | None = None
-    input_type: str = "text"
-    integer: bool = False  #: a number (or list item) that must be whole
-    attrs: dict[str, str] = field(default_factory=dict)
-    choices: list[Choice] = field(default_factory=list)
-    widget: Literal["radio", "select"] = "select"
-    children: list[Field] = field(default_factory=list)
-
-    def walk(self) -> Iterator[Field]:
-        yield self
-        for child in self.children:
-            yield from child.walk()
-
-
-@dataclass
-class Form:
-    """The fields of one pause's answer; ``whole`` tells how they make the answer."""
-
-    fields: list[Field]
-    #: "object": each field is a property; "single": the one field is the answer
-    whole: Literal["object", "single"]
-
-    def walk(self) -> Iterator[Field]:
-        for top in self.fields:
-            yield from top.walk()
-
-    def by_name(self) -> dict[str, Field]:
-        return {f.name: f for f in self.walk()}
-
-
-# -- schema -> fields ---------------------------------------------------------------
 
 
 class _Schema:
@@ -373,156 +295,3 @@ def _with_ids(form: Form) -> Form:
         seen.add(candidate)
         made.id = candidate
     return form
-
-
-# -- values --------------------------------------------------------------------------
-
-
-def _raw(made: Field, value: Any) -> list[str]:
-    """What a field shows for ``value`` (the form's raw strings)."""
-    if value is None:
-        return []
-    if made.kind == "checkbox":
-        return ["on"] if value is True else []
-    if made.kind == "choice":
-        return [json.dumps(value)]
-    if made.kind == "multichoice":
-        return [json.dumps(item) for item in value] if isinstance(value, list) else []
-    if made.kind == "lines":
-        return ["\n".join(str(item) for item in value)] if isinstance(value, list) else []
-    if made.kind == "json":
-        return [json.dumps(value, indent=2, ensure_ascii=False)]
-    if made.kind == "group":
-        return []
-    return [str(value)]
-
-
-def initial_values(form: Form, preset: Any = None) -> dict[str, list[str]]:
-    """The raw values a fresh form shows: ``preset`` where given, else the schema's defaults."""
-    values: dict[str, list[str]] = {}
-
-    def fill(fields: list[Field], source: Any, has_source: bool) -> None:
-        for made in fields:
-            key = made.path[-1] if made.path else None
-            if has_source and isinstance(source, dict) and key in source:
-                value, known = source[key], True
-            elif has_source and not made.path:
-                value, known = source, True
-            else:
-                value, known = made.default, made.has_default
-            if made.kind == "group":
-                fill(made.children, value, known and isinstance(value, dict))
-            elif known:
-                values[made.name] = _raw(made, value)
-
-    fill(form.fields, preset, preset is not None)
-    return values
-
-
-_EMPTY = object()
-
-
-def _number(text: str, integer: bool) -> Any:
-    try:
-        number = float(text)
-    except ValueError:
-        return text  # pydantic says what is wrong with it
-    if integer or (number.is_integer() and re.fullmatch(r"[+-]?\d+", text.strip())):
-        try:
-            return int(text.strip())
-        except ValueError:
-            return int(number) if number.is_integer() else number
-    return number
-
-
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text
-
-
-def _read(made: Field, data: Mapping[str, Sequence[str]], errors: dict[str, list[str]]) -> Any:
-    submitted = list(data.get(made.name, ()))
-    first = submitted[0] if submitted else ""
-    if made.kind == "checkbox":
-        return bool(submitted)
-    if made.kind == "group":
-        members: dict[str, Any] = {}
-        for child in made.children:
-            value = _read(child, data, errors)
-            if value is not _EMPTY:
-                members[child.path[-1]] = value
-        if not members and not made.required:
-            return None if made.nullable and not made.has_default else _EMPTY
-        return members
-    if made.kind == "multichoice":
-        return [_loads(value) for value in submitted]
-    if made.kind == "lines":
-        lines = [line.strip() for line in first.splitlines() if line.strip()]
-        if not lines and not made.required:
-            return _EMPTY if made.has_default else (None if made.nullable else [])
-        if made.input_type == "number":
-            return [_number(line, made.integer) for line in lines]
-        return lines
-    if not first.strip():
-        if made.has_default:
-            return _EMPTY
-        return None if made.nullable or (made.kind == "json" and not made.path) else _EMPTY
-    if made.kind == "choice":
-        return _loads(first)
-    if made.kind == "number":
-        return _number(first, made.integer)
-    if made.kind == "json":
-        try:
-            return json.loads(first)
-        except json.JSONDecodeError as exc:
-            errors.setdefault(made.name, []).append(
-                f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-            )
-            return _EMPTY
-    return first
-
-
-def read_answer(form: Form, data: Mapping[str, Sequence[str]]) -> tuple[Any, dict[str, list[str]]]:
-    """The JSON answer a submitted form stands for, and the fields it could not read.
-
-    Values are converted as the schema's types say (a number input gives a
-    number, a choice its JSON value); what cannot be converted is passed on as
-    typed, so pydantic's error names the problem.
-    """
-    errors: dict[str, list[str]] = {}
-    if form.whole == "single":
-        value = _read(form.fields[0], data, errors)
-        return (None if value is _EMPTY else value), errors
-    answer: dict[str, Any] = {}
-    for made in form.fields:
-        value = _read(made, data, errors)
-        if value is not _EMPTY:
-            answer[made.path[-1]] = value
-    return answer, errors
-
-
-def place_errors(
-    form: Form, errors: Sequence[Mapping[str, Any]]
-) -> tuple[dict[str, list[str]], list[str]]:
-    """pydantic's errors by field name (the field whose path is the longest prefix
-    of the error's ``loc``), and those that name no field."""
-    fields = sorted(form.walk(), key=lambda f: len(f.path), reverse=True)
-    placed: dict[str, list[str]] = {}
-    loose: list[str] = []
-    for error in errors:
-        loc = tuple(str(part) for part in error.get("loc", ()))
-        message = str(error.get("msg", "invalid"))
-        target = next((f for f in fields if loc[: len(f.path)] == f.path), None)
-        if target is None:
-            where = ".".join(loc)
-            loose.append(f"{where}: {message}" if where else message)
-            continue
-        rest = loc[len(target.path) :]
-        if target.kind == "lines" and rest and rest[0].isdigit():
-            message = f"line {int(rest[0]) + 1}: {message}"
-        elif rest and target.kind in ("json", "multichoice"):
-            message = f"{'.'.join(rest)}: {message}"
-        placed.setdefault(target.name, []).append(message)
-    return placed, loose

@@ -37,9 +37,9 @@ Two modes, each measured ``--rounds`` times alternating plain and checkpoint
   result key every 1 ms), ``resume()``, ``get()``. Floor: the same with a
   follow-up plain task for the resume.
 
-The default store is the file store in a temporary directory with fsync on
-(the durable default); ``--store redis`` uses the Redis store under the run's
-key prefix.
+The default is the SQLite store (the package's default) in a temporary
+directory; ``--store file`` the file store with fsync on, ``--store redis`` the
+Redis store under the run's key prefix.
 """
 
 from __future__ import annotations
@@ -268,13 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--backend", default="redis://127.0.0.1:6379/15")
     parser.add_argument(
-        "--store", default="file", help="file (a temp directory), redis, or a store target"
+        "--store",
+        default="sqlite",
+        help="sqlite (the default store, a temp database), file (a temp directory), redis, "
+        "or a store target",
     )
     args = parser.parse_args(argv)
 
     prefix = f"cc-bench-{uuid.uuid4().hex[:12]}"
     workdir = Path(tempfile.mkdtemp(prefix="celery-bench-"))
-    if args.store == "file":
+    if args.store == "sqlite":
+        store, store_label = f"sqlite:///{workdir / 'store.db'}", "SQLite store (the default)"
+    elif args.store == "file":
         store, store_label = str(workdir / "store"), "file store (fsync on)"
     elif args.store == "redis":
         store, store_label = f"{args.backend}?prefix={prefix}:store:", "Redis store"

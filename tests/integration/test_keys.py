@@ -31,7 +31,8 @@ def broker() -> str:
 
 def _paused(app: Celery, checkpoints: Checkpoints, order: str, intent: str) -> str:
     result = app.tasks["proj.pay"].delay(order, intent)
-    wait_until(lambda: checkpoints.store.load(result.id) is not None, f"{order} to pause")
+    # exists, not load: a pause that takes an early answer may end before we look
+    wait_until(lambda: checkpoints.store.exists(result.id), f"{order} to pause")
     return str(result.id)
 
 

@@ -247,7 +247,7 @@ def test_thousands_of_long_pauses_hold_no_broker_message_and_no_worker_memory(
 SHORT = 40
 
 
-@pytest.mark.parametrize("store_kind", ["file", "redis"])
+@pytest.mark.parametrize("store_kind", ["sqlite", "redis"])
 @pytest.mark.timeout(300)
 def test_short_timeouts_each_fire_exactly_once_on_two_workers(
     fleet: Fleet, store_kind: str
@@ -271,7 +271,7 @@ def test_short_timeouts_each_fire_exactly_once_on_two_workers(
     assert Checkpoints.for_app(app).store.count() == 0
 
 
-@pytest.mark.parametrize("store_kind", ["file", "redis"])
+@pytest.mark.parametrize("store_kind", ["sqlite"])
 @pytest.mark.timeout(300)
 def test_the_deadline_of_a_dead_worker_fires_from_the_timer_of_a_worker_started_later(
     fleet: Fleet, store_kind: str

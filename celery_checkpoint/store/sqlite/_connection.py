@@ -126,7 +126,10 @@ class Connection:
         try:
             db = sqlite3.connect(
                 self.path,
-                timeout=self.busy_timeout,
+                # No SQLite busy handler: it sleeps 1, 2, 5, 10... ms between tries,
+                # several times the length of a transition here. _retry waits
+                # from 100 us up instead, with jitter, until busy_timeout.
+                timeout=0,
                 isolation_level=None,  # autocommit: transactions are begun explicitly
                 check_same_thread=False,  # shared by threads under self._lock
                 cached_statements=256,
@@ -198,7 +201,7 @@ class Connection:
     def _retry(self, call: Any, *args: Any) -> Any:
         """``call(*args)``, again while SQLite says busy, until ``busy_timeout`` has passed."""
         deadline = time.monotonic() + self.busy_timeout
-        pause = 0.001
+        pause = 0.0001
         while True:
             try:
                 return call(*args)
@@ -206,7 +209,7 @@ class Connection:
                 if not _is_busy(exc) or time.monotonic() >= deadline:
                     raise
             time.sleep(pause * (0.5 + random.random()))
-            pause = min(pause * 2, 0.05)
+            pause = min(pause * 1.5, 0.01)
 
     # -- what the store calls ------------------------------------------------------------
 

@@ -40,6 +40,7 @@ __all__ = [
     "RunStatus",
     "Via",
     "corrupt_detail",
+    "process_owner",
     "utcnow",
     "validate_key",
     "validate_run_id",
@@ -174,6 +175,20 @@ class Owner(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.node} (pid {self.pid} on {self.host})"
+
+
+_PROCESS_OWNER: tuple[int, Owner, str] | None = None
+
+
+def process_owner() -> tuple[Owner, str]:
+    """This process as a lease owner, and its JSON: built once per process (a
+    forked child builds its own), for claims that name no owner."""
+    global _PROCESS_OWNER
+    pid = os.getpid()
+    if _PROCESS_OWNER is None or _PROCESS_OWNER[0] != pid:
+        owner = Owner.current()
+        _PROCESS_OWNER = (pid, owner, owner.model_dump_json())
+    return _PROCESS_OWNER[1], _PROCESS_OWNER[2]
 
 
 def _read_boot_id() -> str | None:

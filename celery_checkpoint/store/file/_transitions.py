@@ -13,7 +13,7 @@ from ...exceptions import (
     PauseExpired,
     ResumeRejected,
 )
-from ...model import EndStatus, Lease, Owner, ResumeRequest, RunRecord, utcnow
+from ...model import EndStatus, Lease, Owner, ResumeRequest, RunRecord, process_owner, utcnow
 from ._records import Records
 
 __all__ = ["Transitions"]
@@ -49,7 +49,7 @@ class Transitions(Records):
             now = utcnow()
             lease = Lease(
                 token=run.last_token + 1,
-                owner=owner or Owner.current(),
+                owner=owner or process_owner()[0],
                 claimed_at=now,
                 expires_at=now + timedelta(seconds=lease_seconds),
             )

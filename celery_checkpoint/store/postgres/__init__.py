@@ -77,7 +77,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ...model import DEFAULT_LEASE_SECONDS, Owner, ResumeRequest, RunRecord
+from ...model import DEFAULT_LEASE_SECONDS, ResumeRequest, RunRecord
 from ..base import CheckpointStore, GroupCounts
 from ._connection import DEFAULT_SCHEMA, Connection
 from ._keys import Keys
@@ -123,7 +123,6 @@ class PostgresStore(Moving, Sweeps, Keys, CheckpointStore):
         finally:
             conn.close()
         self._lists: dict[tuple[Any, ...], bytes] = {}
-        self._owner: tuple[int, Owner, str] | None = None
         self._conn.open_pool()
 
     def __repr__(self) -> str:

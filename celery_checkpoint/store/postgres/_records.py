@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import builtins
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from ...exceptions import CorruptCheckpoint
-from ...model import Owner, RunRecord
+from ...model import RunRecord
 from ._codec import decode
 from ._connection import Connection
 
@@ -27,7 +26,6 @@ class Records:
     _conn: Connection
     #: the statements, rendered for the store's schema (see ``_sql.py``)
     _q: dict[str, bytes]
-    _owner: tuple[int, Owner, str] | None
     schema: str
 
     def _one(self, conn: PgConnection[Any], name: str, params: Any = None) -> Any:
@@ -50,13 +48,6 @@ class Records:
             return cursor.fetchall() if rows else []
 
         return self._conn.write(action, "*", do)
-
-    def _default_owner(self) -> tuple[Owner, str]:
-        pid = os.getpid()
-        if self._owner is None or self._owner[0] != pid:
-            owner = Owner.current()
-            self._owner = (pid, owner, owner.model_dump_json())
-        return self._owner[1], self._owner[2]
 
     def _quarantine(self, run_id: str, body: str, exc: CorruptCheckpoint) -> None:
         """Move a corrupt run to ``corrupt_runs``, unless its record changed meanwhile."""

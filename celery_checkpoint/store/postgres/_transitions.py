@@ -15,7 +15,7 @@ from ...exceptions import (
     PauseExpired,
     ResumeRejected,
 )
-from ...model import EndStatus, Lease, Owner, ResumeRequest, RunRecord
+from ...model import EndStatus, Lease, Owner, ResumeRequest, RunRecord, process_owner
 from ._codec import ROW_WIDTH, decode, lease_of, resume_of, save_params, text
 from ._records import Records
 
@@ -64,7 +64,7 @@ class Transitions(Records):
         self, run_id: str, owner: Owner | None, lease_seconds: float, pause_seq: int | None
     ) -> RunRecord | None:
         if owner is None:
-            owner, owner_json = self._default_owner()
+            owner, owner_json = process_owner()
         else:
             owner_json = owner.model_dump_json()
         params = (owner_json, text(owner.host), lease_seconds, run_id, pause_seq)

@@ -174,7 +174,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from ...model import DEFAULT_LEASE_SECONDS, Owner, ResumeRequest, RunRecord
+from ...model import DEFAULT_LEASE_SECONDS, ResumeRequest, RunRecord
 from ..base import CheckpointStore
 from ._codec import GROUPS, group_of, save_args
 from ._connection import Connection
@@ -203,7 +203,6 @@ class RedisStore(Moving, Sweeps, CheckpointStore):
         self.prefix = self._conn.prefix
         #: the key base of each run group; see "Key layout" in the package docstring
         self._groups = [f"{self.prefix}:{{{g:02x}}}:" for g in range(GROUPS)]
-        self._owner: tuple[int, Owner, str] | None = None
 
     def __repr__(self) -> str:
         return f"RedisStore({self._conn.display!r}, prefix={self.prefix!r})"

@@ -8,13 +8,12 @@ import builtins
 import contextlib
 import hashlib
 import logging
-import os
 from typing import Any, cast
 
 from pydantic import ValidationError
 
 from ...exceptions import CheckpointExists, CorruptCheckpoint, LeaseLost, StoreUnavailable
-from ...model import Owner, RunRecord, corrupt_detail
+from ...model import RunRecord, corrupt_detail
 from ._codec import group_of, not_a_hash, overlay, split, text, wrong_type
 from ._connection import Connection
 
@@ -28,7 +27,6 @@ class Records:
 
     _conn: Connection
     _groups: builtins.list[str]
-    _owner: tuple[int, Owner, str] | None
 
     def _group(self, run_id: str) -> str:
         """The key base of the run's group (its hash tag)."""
@@ -92,13 +90,6 @@ class Records:
             raise LeaseLost(
                 run_id, f"the run is in flight under token {int(result[1])}; save with it"
             )
-
-    def _default_owner(self) -> tuple[Owner, str]:
-        pid = os.getpid()
-        if self._owner is None or self._owner[0] != pid:
-            owner = Owner.current()
-            self._owner = (pid, owner, owner.model_dump_json())
-        return self._owner[1], self._owner[2]
 
     def _record(self, run_id: str, body: bytes | str, ctl: dict[str, str]) -> RunRecord:
         try:

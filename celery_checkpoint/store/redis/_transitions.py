@@ -16,7 +16,7 @@ from ...exceptions import (
     ResumeRejected,
     StoreUnavailable,
 )
-from ...model import EndStatus, Lease, Owner, ResumeRequest, RunRecord
+from ...model import EndStatus, Lease, Owner, ResumeRequest, RunRecord, process_owner
 from ._codec import from_ms, from_us, lease_from, resume_from, split_flat, text
 from ._records import Records
 
@@ -51,7 +51,7 @@ class Transitions(Records):
         self, run_id: str, owner: Owner | None, lease_seconds: float, pause_seq: int | None
     ) -> RunRecord | None:
         if owner is None:
-            owner, owner_json = self._default_owner()
+            owner, owner_json = process_owner()
         else:
             owner_json = owner.model_dump_json()
         result = self._run(

@@ -73,7 +73,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from ...exceptions import CheckpointExists, ImproperlyConfigured, LeaseLost
-from ...model import DEFAULT_LEASE_SECONDS, Owner, ResumeRequest, RunRecord
+from ...model import DEFAULT_LEASE_SECONDS, ResumeRequest, RunRecord
 from ..base import CheckpointStore, GroupCounts
 from ._codec import now_us
 from ._connection import Connection
@@ -153,7 +153,6 @@ class SqliteStore(Moving, Sweeps, Keys, CheckpointStore):
             busy_timeout=timeout,
             allow_network_fs=_flag(options.get("allow_network_fs", allow_network_fs)),
         )
-        self._owner: tuple[int, Owner, str] | None = None
 
     def __repr__(self) -> str:
         return f"SqliteStore({f'sqlite:///{self.path}'!r})"

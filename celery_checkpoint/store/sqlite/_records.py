@@ -4,12 +4,10 @@ default lease owner, and moving a corrupt row aside."""
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
 from typing import Any
 
 from ...exceptions import CorruptCheckpoint
-from ...model import Owner
 from ._codec import now_us
 from ._connection import Connection
 
@@ -22,16 +20,8 @@ class Records:
     """Helpers shared by the SQLite store's transitions and passes over many runs."""
 
     _conn: Connection
-    _owner: tuple[int, Owner, str] | None
     #: see "Atomicity and durability" in the package docstring
     durable_leases: bool
-
-    def _default_owner(self) -> tuple[Owner, str]:
-        pid = os.getpid()
-        if self._owner is None or self._owner[0] != pid:
-            owner = Owner.current()
-            self._owner = (pid, owner, owner.model_dump_json())
-        return self._owner[1], self._owner[2]
 
     def _move_aside(self, db: sqlite3.Connection, run_id: str, why: CorruptCheckpoint) -> None:
         """Move the run's row to ``corrupt`` as it is (inside a write transaction).

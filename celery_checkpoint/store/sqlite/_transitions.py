@@ -14,7 +14,7 @@ from ...exceptions import (
     PauseExpired,
     ResumeRejected,
 )
-from ...model import EndStatus, Lease, Owner, ResumeRequest, RunRecord
+from ...model import EndStatus, Lease, Owner, ResumeRequest, RunRecord, process_owner
 from ._codec import LEASE_COLUMNS, RUN_COLUMNS, from_us, lease_from, now_us, resume_from, run_from
 from ._records import Records
 from ._sql import CLAIM, COMPLETE, NO_LEASE
@@ -53,7 +53,7 @@ class Transitions(Records):
         self, run_id: str, owner: Owner | None, lease_seconds: float, pause_seq: int | None
     ) -> RunRecord | None:
         if owner is None:
-            owner, owner_json = self._default_owner()
+            owner, owner_json = process_owner()
         else:
             owner_json = owner.model_dump_json()
         claimed = now_us()

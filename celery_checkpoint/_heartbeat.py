@@ -81,7 +81,8 @@ class _Heartbeats:
                 self._due = []
                 threading.Thread(target=self._run, name="checkpoint-heartbeat", daemon=True).start()
             heapq.heappush(self._due, (time.monotonic() + interval, next(self._seq), beat))
-            self._cond.notify()
+            if self._due[0][2] is beat:  # due before the one the thread waits for
+                self._cond.notify()
         return beat
 
     def _run(self) -> None:

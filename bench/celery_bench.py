@@ -37,6 +37,11 @@ Two modes, each measured ``--rounds`` times alternating plain and checkpoint
   result key every 1 ms), ``resume()``, ``get()``. Floor: the same with a
   follow-up plain task for the resume.
 
+``--cpu`` then runs each throughput batch twice more and prints the CPU it
+cost the worker's main process, its pool processes, this client and a local
+Redis server (read from ``/proc``): the benchmark is CPU-bound on a small
+machine, so that table says where a run's extra time goes.
+
 The default is the SQLite store (the package's default) in a temporary
 directory; ``--store file`` the file store with fsync on, ``--store redis`` the
 Redis store under the run's key prefix.
@@ -249,6 +254,45 @@ def delete_prefix(url: str, prefix: str) -> None:
         client.close()
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _process_tree(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            children = [int(child) for child in fh.read().split()]
+    except OSError:
+        return [pid]
+    return [pid, *(p for child in children for p in _process_tree(child))]
+
+
+def cpu_per_batch(
+    sides: list[tuple[str, Callable[[], float]]], worker_pid: int, redis_pid: int | None
+) -> list[tuple[str, float, float, float, float, float]]:
+    """Run each side once; its elapsed time and the CPU seconds it cost the worker's
+    main process, its pool processes, this process and the Redis server."""
+    rows = []
+    for name, side in sides:
+        pids = _process_tree(worker_pid)
+        before = {pid: _cpu_seconds(pid) for pid in pids}
+        redis_before = _cpu_seconds(redis_pid) if redis_pid else 0.0
+        client_before = sum(os.times()[:2])
+        elapsed = side()
+        client = sum(os.times()[:2]) - client_before
+        redis = (_cpu_seconds(redis_pid) - redis_before) if redis_pid else 0.0
+        spent = {pid: _cpu_seconds(pid) - before[pid] for pid in pids}
+        pool = sum(cpu for pid, cpu in spent.items() if pid != worker_pid)
+        rows.append((name, elapsed, spent[worker_pid], pool, client, redis))
+    return rows
+
+
 def measure(groups: list[tuple[Callable[[], float], ...]], rounds: int) -> list[list[float]]:
     """Alternate the sides of each group ``rounds`` times; the median of each side."""
     samples: list[list[list[float]]] = [[[] for _ in group] for group in groups]
@@ -265,6 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serial", type=int, default=50, help="runs in the latency mode")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument(
+        "--cpu",
+        action="store_true",
+        help="then run each throughput batch twice more and print the CPU it cost each "
+        "process (worker main, pool processes, this client, a local Redis server)",
+    )
     parser.add_argument("--broker", default="redis://127.0.0.1:6379/15")
     parser.add_argument("--backend", default="redis://127.0.0.1:6379/15")
     parser.add_argument(
@@ -324,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
             ],
             args.rounds,
         )
+        cpu_rows = []
+        if args.cpu:
+            redis_pid = int(bench.redis.info("server").get("process_id", 0)) or None
+            sides = [
+                ("Celery floor", lambda: bench.floor_batch(args.runs)),
+                ("checkpoint", lambda: bench.checkpoint_batch(args.runs)),
+            ]
+            cpu_rows = cpu_per_batch(sides * 2, worker.pid, redis_pid)
         leftover = Checkpoints.for_app(app).store.count()
     finally:
         stop_worker(worker)
@@ -357,6 +415,18 @@ def main(argv: list[str] | None = None) -> int:
     ratio = batch_floor / batch_ckpt
     verdict = "meets" if ratio >= 0.85 else "misses"
     print(f"\nthroughput ratio to Celery's floor {ratio:.2f} {verdict} the target (>= 0.85)")
+    if cpu_rows:
+        print(f"\nCPU per throughput batch of N={args.runs} (seconds; two runs of each side)\n")
+        print(
+            "| batch | elapsed | worker main | pool processes | client | Redis | total | per run |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        for name, elapsed, main_cpu, pool, client, redis in cpu_rows:
+            total = main_cpu + pool + client + redis
+            print(
+                f"| {name} | {elapsed:.2f} | {main_cpu:.2f} | {pool:.2f} | {client:.2f} "
+                f"| {redis:.2f} | {total:.2f} | {1000 * total / args.runs:.1f} ms |"
+            )
     print(f"paused or in-flight runs left in the store: {leftover}")
     return 0
 

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-## demo: run the example approval workflow end to end on the file store (no server needed)
+## demo: run the example approval workflow end to end on the embedded SQLite store (no server needed)
 demo: $(STAMP)
 	$(BIN)/python examples/approval.py
 

@@ -72,7 +72,10 @@ __all__ = ["checkpoint", "parse_duration"]
     "--store",
     metavar="TARGET",
     default=None,
-    help="Checkpoint store instead of the app's: a directory, file:///dir or redis://host:port/db.",
+    help=(
+        "Checkpoint store instead of the app's: sqlite:///path.db, postgresql://..., "
+        "redis://host:port/db, or a directory (file:///dir)."
+    ),
 )
 @click.pass_context
 def checkpoint(ctx: click.Context, store: str | None) -> None:

@@ -18,17 +18,16 @@ The public methods check their arguments (run ids above all) once, here, and
 call a private primitive of the same name that a backend fills in
 (``_save``, ``_claim``...). Operations derived from the primitives
 (:meth:`CheckpointStore.stats`, :meth:`CheckpointStore.exists`) have a default
-here that a backend may replace with a cheaper one.
+that a backend may replace with a cheaper one. This module holds the
+transitions of one run; the operations over many runs (listing, counting, the
+passes a worker makes) are in :mod:`._passes`, which the store inherits.
 """
 
 from __future__ import annotations
 
-import builtins
 import importlib
 import os
 import re
-from collections.abc import Iterator
-from datetime import datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -43,11 +42,10 @@ from ..model import (
     ResumeRequest,
     RunRecord,
     Via,
-    utcnow,
     validate_key,
     validate_run_id,
 )
-from ._backend import Backend
+from ._passes import Passes
 from ._shapes import (
     GroupCounts,
     Order,
@@ -55,7 +53,6 @@ from ._shapes import (
     RunInfo,
     StoreStats,
     make_stats,
-    sort_in_memory,
 )
 
 __all__ = [
@@ -86,14 +83,11 @@ _URL_WITHOUT_SLASHES = re.compile(
 _END_STATUSES = ("cancelled", "expired", "failed")
 
 
-class CheckpointStore(Backend):
+class CheckpointStore(Passes):
     """A checkpoint store. ``CheckpointStore.open(target)`` picks the backend."""
 
     #: the URL scheme(s) this backend serves, for error messages
     url: str = ""
-    #: whether ``_list`` itself honours ``RunFilter.order`` and ``after`` (from an
-    #: index); otherwise the base sorts the rows in memory
-    ordered_listing: bool = False
 
     def __init__(self, *, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.lease_seconds = float(lease_seconds)
@@ -251,12 +245,6 @@ class CheckpointStore(Backend):
         """
         self._complete(validate_run_id(run_id), token, result)
 
-    def due_deliveries(self, older_than: float) -> builtins.list[str]:
-        """Runs completed with a result that no worker has said was delivered,
-        completed (or last returned here) over ``older_than`` seconds ago; each
-        returned id is marked returned now, as :meth:`due_resumes` does."""
-        return self._due_deliveries(float(older_than))
-
     def mark_delivered(self, run_id: str) -> None:
         """Celery stored the completed run's result: it leaves the undelivered
         index (the tombstone keeps the result). Idempotent; unknown runs: no-op."""
@@ -270,15 +258,6 @@ class CheckpointStore(Backend):
         ``LeaseLost`` if ``token`` is not the current lease.
         """
         self._release(validate_run_id(run_id), token, error)
-
-    def recover_orphaned(self) -> builtins.list[RunRecord]:
-        """Re-arm in-flight runs whose lease expired or whose owner is dead.
-
-        Returns the re-armed runs (their ``recoveries`` counter incremented).
-        Touches only in-flight runs, never scans paused ones. Also removes temp
-        files left by crashed writers and moves corrupt in-flight records aside.
-        """
-        return self._recover_orphaned()
 
     def end(
         self,
@@ -314,72 +293,6 @@ class CheckpointStore(Backend):
     def ended(self, run_id: str) -> RunRecord | None:
         """The record of a completed, cancelled, expired or failed run, or None."""
         return self._ended(validate_run_id(run_id))
-
-    def prune_ended(self, older_than: float) -> int:
-        """Delete the records of runs that ended (completed, cancelled, expired,
-        failed) over ``older_than`` seconds ago; return how many.
-
-        An ended record is what recognises a late message for a finished run: a
-        redelivered first execution, a repeated resume, a stale lease holder.
-        Prune only past the point where none can still arrive (the broker's
-        visibility timeout, the task's retries), or such a message starts the
-        run afresh. Paused and in-flight runs and corrupt copies are never touched.
-        """
-        if not older_than >= 0:
-            raise ValueError(f"older_than must be >= 0 seconds, not {older_than!r}")
-        return self._prune_ended(float(older_than))
-
-    def list(
-        self,
-        *,
-        task: str | None = None,
-        step: str | None = None,
-        older_than: float | None = None,
-        order: Order | None = None,
-        after: tuple[str, str] | None = None,
-    ) -> Iterator[RunInfo]:
-        """Paused and in-flight runs; ``older_than`` is seconds since paused.
-
-        Without ``order`` the rows stream in the store's own order, starting at
-        once. ``order="oldest"``/``"newest"`` sorts by when the run paused,
-        ``"deadline"`` lists runs with a deadline, soonest first; ``after`` (a
-        row's :meth:`RunInfo.position`) continues past that row, for paging.
-        """
-        if after is not None and order is None:
-            raise ValueError("list(after=...) needs an order")
-        where = RunFilter(task=task, step=step, older_than=older_than, order=order, after=after)
-        if order is None or self.ordered_listing:
-            return self._list(where)
-        return iter(sort_in_memory(builtins.list(self._list(where.unordered())), where))
-
-    def count(self) -> int:
-        """How many runs are paused or in flight, without reading their records."""
-        return self._count()
-
-    def due_resumes(self, older_than: float) -> builtins.list[str]:
-        """Run ids with a pending, unclaimed resume request last sent over
-        ``older_than`` seconds ago; each returned id is marked sent now."""
-        return self._due_resumes(float(older_than))
-
-    def due_timeouts(self, now: datetime | None = None) -> builtins.list[str]:
-        """Run ids of paused runs whose ``expires_at`` has passed."""
-        return self._due_timeouts(now)
-
-    def next_deadline(self) -> datetime | None:
-        """The earliest ``expires_at`` among paused runs with a deadline, or None.
-
-        Read from the deadline index, never by reading records, so a worker may
-        ask after every recovery pass and every timeout it fires. A run whose
-        timeout already fired, or that was answered but has not ended yet, may
-        still be listed: the caller re-checks the run before acting on it.
-        """
-        return self._next_deadline()
-
-    def stats(self) -> StoreStats:
-        """Counts for operators: ``runs`` (paused or in flight), ``paused``,
-        ``in_flight``, ``pending_resumes`` (accepted, not claimed yet) and
-        ``due_timeouts`` (deadline passed, timeout not run yet)."""
-        return self._stats()
 
     def find_key(self, key: str) -> str | None:
         """The id of the live (paused or in-flight) run whose pause names ``key``."""
@@ -424,15 +337,6 @@ class CheckpointStore(Backend):
         if run.key is not None:
             validate_key(run.key)
         return self._restore(run)
-
-    def iter_ended(self) -> Iterator[RunRecord]:
-        """Every ended run's record (tombstone), streaming."""
-        return self._iter_ended()
-
-    def summary(self, now: datetime | None = None) -> builtins.list[GroupCounts]:
-        """The live runs counted by task and step (paused, in flight, pending an
-        answer, overdue) with the oldest pause of each: what metrics export."""
-        return self._summary(now or utcnow())
 
     def close(self) -> None:
         """Release connections or file handles."""

@@ -40,7 +40,12 @@ __all__ = [
 
 
 class CheckpointError(Exception):
-    """Root of every error this package raises."""
+    """Root of every error this package raises.
+
+    An error's ``args`` are its constructor's arguments and ``str()`` is its
+    message, so Celery's result backends (which rebuild an exception as
+    ``cls(*args)``) and pickle give back the same class with the same fields.
+    """
 
 
 class ImproperlyConfigured(CheckpointError):
@@ -55,17 +60,23 @@ class CorruptCheckpoint(CheckpointError):
     """A stored record for one run cannot be parsed. Other runs are unaffected."""
 
     def __init__(self, run_id: str, detail: str) -> None:
-        super().__init__(f"checkpoint {run_id!r} is corrupt: {detail}")
+        super().__init__(run_id, detail)
         self.run_id = run_id
         self.detail = detail
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.run_id!r} is corrupt: {self.detail}"
 
 
 class CheckpointNotFound(CheckpointError):
     """No paused run has this id (never paused, completed, or cancelled and purged)."""
 
     def __init__(self, run_id: str) -> None:
-        super().__init__(f"no paused run {run_id!r} in the checkpoint store")
+        super().__init__(run_id)
         self.run_id = run_id
+
+    def __str__(self) -> str:
+        return f"no paused run {self.run_id!r} in the checkpoint store"
 
 
 class CheckpointExists(CheckpointError):
@@ -77,9 +88,12 @@ class CheckpointExists(CheckpointError):
     """
 
     def __init__(self, run_id: str, status: str) -> None:
-        super().__init__(f"run {run_id!r} already has a checkpoint ({status})")
+        super().__init__(run_id, status)
         self.run_id = run_id
         self.status = status
+
+    def __str__(self) -> str:
+        return f"run {self.run_id!r} already has a checkpoint ({self.status})"
 
 
 class LeaseLost(CheckpointError):
@@ -90,8 +104,12 @@ class LeaseLost(CheckpointError):
     """
 
     def __init__(self, run_id: str, detail: str) -> None:
-        super().__init__(f"lease on run {run_id!r} lost: {detail}")
+        super().__init__(run_id, detail)
         self.run_id = run_id
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"lease on run {self.run_id!r} lost: {self.detail}"
 
 
 class ResumeRejected(CheckpointError):
@@ -101,24 +119,31 @@ class ResumeRejected(CheckpointError):
     """
 
     def __init__(self, run_id: str, message: str, errors: list[Any] | None = None) -> None:
-        super().__init__(f"resume of run {run_id!r} rejected: {message}")
+        super().__init__(run_id, message, errors)
         self.run_id = run_id
+        self.message = message
         self.errors: list[Any] = list(errors or [])
+
+    def __str__(self) -> str:
+        return f"resume of run {self.run_id!r} rejected: {self.message}"
 
 
 class AlreadyResumed(CheckpointError):
     """Another resume request (a different ``request_id``) is pending, or already
     ran the run to completion (``completed``)."""
 
-    def __init__(self, run_id: str, pending_request_id: str, *, completed: bool = False) -> None:
-        if completed:
-            message = f"run {run_id!r} already completed (resumed by {pending_request_id!r})"
-        else:
-            message = f"run {run_id!r} already has a pending resume request {pending_request_id!r}"
-        super().__init__(message)
+    def __init__(self, run_id: str, pending_request_id: str, completed: bool = False) -> None:
+        super().__init__(run_id, pending_request_id, completed)
         self.run_id = run_id
         self.pending_request_id = pending_request_id
         self.completed = completed
+
+    def __str__(self) -> str:
+        if self.completed:
+            return f"run {self.run_id!r} already completed (resumed by {self.pending_request_id!r})"
+        return (
+            f"run {self.run_id!r} already has a pending resume request {self.pending_request_id!r}"
+        )
 
 
 class PauseExpired(CheckpointError):
@@ -136,6 +161,11 @@ class StoreUnavailable(CheckpointError):
     unless the message says otherwise: the previous checkpoint is intact.
     """
 
-    def __init__(self, message: str, cause: BaseException | None = None) -> None:
-        super().__init__(f"{message}: {cause}" if cause is not None else message)
-        self.cause = cause
+    def __init__(self, message: str, cause: BaseException | str | None = None) -> None:
+        super().__init__(message, cause)
+        self.message = message
+        # A rebuilt error (a result backend's JSON) carries the cause as text.
+        self.cause: BaseException | None = Exception(cause) if isinstance(cause, str) else cause
+
+    def __str__(self) -> str:
+        return f"{self.message}: {self.cause}" if self.cause is not None else self.message

@@ -36,6 +36,7 @@ from . import _revoke
 from .checkpoints import Checkpoints
 from .exceptions import CheckpointError
 from .recovery import RecoveryReport
+from .store._urls import redact
 
 __all__ = ["CheckpointRecovery", "RecoveryReport", "install", "recover"]
 
@@ -80,7 +81,7 @@ class CheckpointRecovery(bootsteps.StartStopStep):  # type: ignore[misc]
             checkpoints.start_timer()  # armed by each pass from now on
             report = checkpoints.recover()
         except CheckpointError as exc:
-            target = str(app.conf.get("checkpoint_store") or "(the default store)")
+            target = redact(str(app.conf.get("checkpoint_store") or "(the default store)"))
             message = str(exc) if target in str(exc) else f"checkpoint store {target}: {exc}"
             logger.critical("cannot start the worker: %s", message)
             raise WorkerShutdown(message) from exc

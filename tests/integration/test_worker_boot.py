@@ -6,8 +6,11 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
+
+from tests.conftest import require_server
 
 APP = """
 import os
@@ -42,3 +45,26 @@ def test_worker_exits_1_naming_the_store_it_cannot_open(tmp_path: Path) -> None:
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert f"cannot open the checkpoint store at {target}" in proc.stderr
     assert "Not a directory" in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_a_worker_that_cannot_open_its_store_never_logs_the_urls_password(tmp_path: Path) -> None:
+    require_server("PostgreSQL", "127.0.0.1", 5432)
+    (tmp_path / "bootapp.py").write_text(APP)
+    url = f"postgresql://postgres:S3cretPW@127.0.0.1:5432/cc_missing_{uuid4().hex[:8]}"
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "celery", "-A", "bootapp", "worker", "--pool=solo"),
+            *("--without-mingle", "--without-gossip", "--checkpoint-store", url),
+        ],
+        cwd=tmp_path,
+        env=dict(os.environ, BOOT_DIR=str(tmp_path), PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "cannot start the worker" in proc.stderr
+    assert "postgres:***@127.0.0.1:5432" in proc.stderr
+    assert "S3cretPW" not in proc.stderr + proc.stdout

@@ -34,9 +34,10 @@ import weakref
 from collections.abc import Callable, Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import unquote
 
 from ...exceptions import ImproperlyConfigured, StoreUnavailable
+from .._urls import redact
 from ._schema import SCHEMA_NAME
 
 if TYPE_CHECKING:
@@ -74,23 +75,6 @@ def import_driver() -> tuple[ModuleType, ModuleType]:
             "the PostgreSQL checkpoint store needs psycopg 3 and psycopg_pool: "
             "pip install 'celery-checkpoint[postgres]'"
         ) from exc
-
-
-def redact(url: str) -> str:
-    """The URL with its password (in the user part or the query) shown as ``***``."""
-    base, sep, query = url.partition("?")
-    parts = urlsplit(base)
-    if parts.password is not None:
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = f"{parts.username}:***@" if parts.username else ":***@"
-        base = urlunsplit(parts._replace(netloc=user + netloc))
-        if "//" not in base:  # urlunsplit drops an empty authority's slashes
-            base = base.replace(":", "://", 1)
-    if sep:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(key == "password" for key, _ in pairs):
-            query = urlencode([(k, "***" if k == "password" else v) for k, v in pairs])
-    return base + sep + query
 
 
 def _split_url(url: str, schema: str | None) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ...exceptions import ImproperlyConfigured, StoreUnavailable
+from .._urls import redact
 from ._codec import text
 
 __all__ = ["Connection", "import_redis", "redact"]
@@ -86,16 +87,6 @@ def _scripts_source() -> dict[str, str]:
             parts.append(key_prelude)
         out[name] = "\n".join([*parts, *lines])
     return out
-
-
-def redact(url: str) -> str:
-    """The URL with its password shown as ``***``."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = f"{parts.username}:***@" if parts.username else ":***@"
-    return urlunsplit(parts._replace(netloc=user + netloc))
 
 
 class Connection:

@@ -135,6 +135,7 @@ def checkpoints_of(ctx: click.Context) -> Checkpoints:
     with errors():
         checkpoints = Checkpoints(app, store=store) if store else Checkpoints.for_app(app)
         checkpoints.config  # noqa: B018 - a bad checkpoint_* setting fails here, in one line
+        checkpoints.store  # noqa: B018 - and a store that cannot be opened, before any output
     ctx.meta[CHECKPOINTS_KEY] = checkpoints
     return checkpoints
 

@@ -263,3 +263,14 @@ def test_resume_by_key_answers_the_run_paused_with_it_or_keeps_the_answer(ops: O
     assert late.get(timeout=30) == "lost"
     assert "not both" in failed(invoke(ops, "resume", "some-run", "--key", "k"), 2)
     assert "invalid key" in failed(invoke(ops, "resume", "--key", ".bad"), 2)
+
+
+@pytest.mark.parametrize(
+    "command", [["list"], ["show", "order-1"], ["stats"], ["prune", "--older-than", "1d"]]
+)
+def test_a_store_that_cannot_be_opened_is_one_line_for_every_command(
+    ops: Ops, tmp_path: Path, command: list[str]
+) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    line = failed(invoke(ops, "--store", str(tmp_path / "a-file" / "store"), *command), 1)
+    assert "cannot open the checkpoint store" in line

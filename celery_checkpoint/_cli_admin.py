@@ -3,11 +3,15 @@ app alone, and moving runs between stores."""
 
 from __future__ import annotations
 
-import importlib
+import contextlib
+import os
 import sys
+import tempfile
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import click
+from celery.utils.imports import import_from_cwd
 
 from ._cli_base import BadInput, Failed, checkpoints_of, errors
 from ._format import echo_json
@@ -15,6 +19,7 @@ from .exceptions import ImproperlyConfigured
 from .migrate import migrate as run_migration
 from .model import RunRecord
 from .store import CheckpointStore
+from .store._urls import redact
 
 __all__ = ["migrate", "serve"]
 
@@ -22,12 +27,56 @@ __all__ = ["migrate", "serve"]
 def _import_hook(path: str) -> Any:
     module_name, _, name = path.partition(":")
     try:
-        hook = getattr(importlib.import_module(module_name), name)
+        # As celery -A finds the app: the current directory first.
+        hook = getattr(import_from_cwd(module_name), name)
     except (ImportError, AttributeError, ValueError) as exc:
         raise BadInput(f"--authenticate {path!r}: cannot import it ({exc})") from None
     if not callable(hook):
         raise BadInput(f"--authenticate {path!r} is not a function of the request")
     return hook
+
+
+def _local_path(target: str) -> str | None:
+    """The path of a file or SQLite store target; None for a server's URL."""
+    scheme, sep, rest = target.partition(":")
+    if not sep or len(scheme) == 1 or "/" in scheme:  # a plain path (or C:\\...)
+        return target
+    if scheme.lower() == "file":
+        return unquote(urlsplit(target).path)
+    if scheme.lower() == "sqlite" and rest.startswith("///"):
+        return unquote(rest[3:].partition("?")[0])
+    return None
+
+
+def absent_store(target: str) -> str | None:
+    """Why there is no store at ``target`` yet (a file or SQLite store's path
+    that does not exist, a PostgreSQL schema that was never created); None when
+    there is one, or when that cannot be told without opening it."""
+    path = _local_path(target)
+    if path is not None:
+        return None if os.path.exists(path) else f"{path} does not exist"
+    if target.partition(":")[0].lower() not in ("postgres", "postgresql"):
+        return None
+    try:
+        import psycopg
+
+        from .store.postgres._connection import _split_url
+
+        url, schema = _split_url(target, None)
+        with psycopg.connect(url) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)
+            ).fetchone()
+    except Exception:
+        return None
+    return None if found else f"schema {schema!r} does not exist"
+
+
+def _same_place(source: str, target: str) -> bool:
+    if source == target:
+        return True
+    a, b = _local_path(source), _local_path(target)
+    return a is not None and b is not None and os.path.realpath(a) == os.path.realpath(b)
 
 
 @click.command()
@@ -95,14 +144,25 @@ def migrate(source: str, target: str, dry_run: bool, skip_ended: bool, as_json: 
     copied counts as such, so a migration stopped half-way is finished by
     running it again. Stop the workers, or point them at TARGET, first.
     """
-    with errors():
+    missing = absent_store(source)
+    if missing is not None:
+        raise BadInput(f"SOURCE {redact(source)}: there is no store there ({missing})")
+    if _same_place(source, target):
+        raise BadInput("SOURCE and TARGET are the same store: nothing to copy")
+    with contextlib.ExitStack() as stack, errors():
         source_store = CheckpointStore.open(source)
-        target_store = CheckpointStore.open(target)
+        if dry_run and absent_store(target) is not None:
+            # Nothing is created for a dry run: an empty store stands in for the target.
+            scratch = tempfile.TemporaryDirectory(prefix="checkpoint-dry-run-")
+            stack.callback(scratch.cleanup)
+            target_store = CheckpointStore.open(f"sqlite:///{scratch.name}/target.db")
+        else:
+            target_store = CheckpointStore.open(target)
         try:
             total = source_store.count()
             shown = "would copy" if dry_run else "copying"
             with click.progressbar(
-                length=total, label=f"{shown} {total} live run(s)", file=sys.stderr
+                length=total, label=f"{shown}: {total} live run(s) to look at", file=sys.stderr
             ) as bar:
                 seen = [0]
 

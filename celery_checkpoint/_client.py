@@ -102,10 +102,19 @@ class Client:
             ended = store.ended(run_id)
             if ended is None:
                 raise CheckpointNotFound(run_id)
-            done = ended.resume if ended.status == "completed" else None
-            if done is not None and request_id is not None and done.request_id == request_id:
+            if request_id is not None and ended.answered_pause(request_id) is not None:
                 return AsyncResult(run_id, app=app)  # the same resume, already run
             raise ended.ended_error()
+        if request_id is not None and run.answered_pause(request_id) is not None:
+            # A webhook delivered again after the run moved on to a new pause:
+            # the answer it carries was applied to the pause it was meant for.
+            logger.info(
+                "run %s: request %s answered an earlier pause; not an answer to pause %d",
+                run_id,
+                request_id,
+                run.pause_seq,
+            )
+            return AsyncResult(run_id, app=app)
         if pause_seq is not None and pause_seq != run.pause_seq:
             raise ResumeRejected(
                 run_id,
@@ -228,10 +237,9 @@ class Client:
             previous = store.ended(run_id)
             if previous is None:
                 raise CheckpointNotFound(run_id)
-            if previous.status == "expired":
-                raise PauseExpired(f"run {run_id!r} already expired at step {previous.step!r}")
             if previous.status != "cancelled":
-                raise RunCancelled(f"run {run_id!r} already {previous.status}")
+                # Completed: AlreadyResumed; expired: PauseExpired; failed: RunCancelled.
+                raise previous.ended_error()
             # Again, in case the first call failed here; the chord counted it already.
             self._store_revoked(previous, chord=False)
             return previous

@@ -21,7 +21,14 @@ from ._client import HEADER, encode, send
 from ._events import announce, log_event, send_task_event
 from ._timeouts import Timeouts
 from .exceptions import CheckpointExists, LeaseLost, ResumeRejected
-from .model import CeleryRequest, ResumeRequest, RunRecord, utcnow, validate_run_id
+from .model import (
+    EARLIER_ANSWERS_KEPT,
+    CeleryRequest,
+    ResumeRequest,
+    RunRecord,
+    utcnow,
+    validate_run_id,
+)
 from .pause import PAUSED, Pause, validate_input
 
 __all__ = ["IGNORE", "Pausing", "record_for"]
@@ -81,7 +88,19 @@ def record_for(task: BoundTask, pause: Pause, previous: RunRecord | None) -> Run
         recoveries=previous.recoveries if previous is not None else 0,
         metadata=pause.metadata,
         key=pause.key,
+        earlier_answers=_earlier_answers(previous),
     )
+
+
+def _earlier_answers(previous: RunRecord | None) -> list[str]:
+    """The request ids that answered the run's pauses so far, the one that resumed
+    ``previous`` last."""
+    if previous is None:
+        return []
+    answers = list(previous.earlier_answers)
+    if previous.resume is not None and previous.resume.pause_seq == previous.pause_seq:
+        answers.append(previous.resume.request_id)
+    return answers[-EARLIER_ANSWERS_KEPT:]
 
 
 class Pausing:

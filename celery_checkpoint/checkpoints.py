@@ -255,8 +255,9 @@ class Checkpoints:
         An in-flight owner is fenced, not waited for: its next heartbeat or
         final write raises ``LeaseLost`` and whatever its body ends with is
         dropped. Cancelling a cancelled run again returns its record;
-        an expired or failed one raises ``PauseExpired`` / ``RunCancelled``,
-        an unknown one ``CheckpointNotFound``. Returns the ended record.
+        a completed, expired or failed one raises what answering it would
+        (``AlreadyResumed`` / ``PauseExpired`` / ``RunCancelled``), an unknown
+        one ``CheckpointNotFound``. Returns the ended record.
         """
         return self._client.cancel(run_id, reason)
 

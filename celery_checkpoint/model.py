@@ -28,6 +28,7 @@ from .exceptions import AlreadyResumed, CheckpointError, InvalidRunId, PauseExpi
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",
+    "EARLIER_ANSWERS_KEPT",
     "MAX_DURATION",
     "SCHEMA_VERSION",
     "CeleryRequest",
@@ -47,6 +48,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+#: How many request ids of earlier answers a run's record keeps.
+EARLIER_ANSWERS_KEPT = 50
 
 #: How long a claim lasts without a heartbeat, unless configured.
 DEFAULT_LEASE_SECONDS = 60.0
@@ -296,6 +299,10 @@ class RunRecord(BaseModel):
     expires_at: datetime | None = None
     on_timeout: Literal["expire", "resume"] = "expire"
     resume: ResumeRequest | None = None
+    # The request ids that answered the run's earlier pauses, oldest first (the
+    # last EARLIER_ANSWERS_KEPT): a webhook delivered again after the run moved
+    # on is the same answer, not an answer to the new pause.
+    earlier_answers: list[str] = Field(default_factory=list)
     # Fencing token of the last claim that ended (released, re-paused, recovered).
     # The next claim takes last_token + 1, so tokens grow on every claim of a run.
     last_token: int = 0
@@ -340,6 +347,23 @@ class RunRecord(BaseModel):
         request = self.resume
         if request is not None and request.pause_seq == self.pause_seq:
             return request
+        return None
+
+    def answered_pause(self, request_id: str) -> int | None:
+        """The pause ``request_id`` answered, when that is an earlier pause of this
+        run (or, for a completed run, its last one): the same answer again, never
+        a new one. None otherwise."""
+        request = self.resume
+        if (
+            request is not None
+            and request.request_id == request_id
+            and (request.pause_seq < self.pause_seq or self.status == "completed")
+        ):
+            return request.pause_seq
+        earlier = self.earlier_answers
+        for back, seen in enumerate(reversed(earlier), start=1):
+            if seen == request_id:  # one entry per resumed pause, the latest last
+                return self.pause_seq - back
         return None
 
     @property

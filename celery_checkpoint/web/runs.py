@@ -163,12 +163,11 @@ def _same_request(checkpoints: Checkpoints, run_id: str, request_id: str) -> int
     run = store.load(run_id)
     if run is None:
         ended = store.ended(run_id)
-        done = ended.resume if ended is not None and ended.status == "completed" else None
-        return done.pause_seq if done is not None and done.request_id == request_id else None
+        return None if ended is None else ended.answered_pause(request_id)
     current = run.current_resume
     if current is not None and current.request_id == request_id and not current.timed_out:
         return current.pause_seq
-    return None
+    return run.answered_pause(request_id)  # an earlier pause's answer, delivered again
 
 
 def answer(

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 from pathlib import Path
+from uuid import uuid4
 
+import pytest
 from click.testing import CliRunner
 
 from celery_checkpoint import CheckpointStore, Owner, RunRecord
@@ -104,6 +106,7 @@ def test_the_command_moves_runs_and_says_which_it_refused(tmp_path: Path) -> Non
     runner = CliRunner(catch_exceptions=False)
     dry = runner.invoke(checkpoint, ["migrate", source_url, target_url, "--dry-run", "--json"])
     assert json.loads(dry.stdout.splitlines()[-1])["paused"] == 4
+    assert not (tmp_path / "b").exists()  # a dry run creates nothing
     result = runner.invoke(checkpoint, ["migrate", source_url, target_url])
     assert result.exit_code == 1, result.output  # one run was refused
     assert "copied 4 paused run(s) and 2 ended run(s)" in result.stdout
@@ -113,3 +116,41 @@ def test_the_command_moves_runs_and_says_which_it_refused(tmp_path: Path) -> Non
         assert target.count() == 4
     finally:
         target.close()
+
+
+def test_the_command_refuses_a_source_that_is_not_there_and_the_same_store_twice(
+    tmp_path: Path,
+) -> None:
+    runner = CliRunner(catch_exceptions=False)
+    target = f"sqlite:///{tmp_path / 'target.db'}"
+    for typo in (f"sqlite:///{tmp_path / 'typo.db'}", f"file://{tmp_path / 'typo'}"):
+        result = runner.invoke(checkpoint, ["migrate", typo, target])
+        assert result.exit_code == 2, result.output
+        assert "there is no store there" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing made, on either side
+    source = f"sqlite:///{tmp_path / 'a.db'}"
+    CheckpointStore.open(source).close()
+    for same_place in (source, str(tmp_path / "a.db")):  # the URL, or the file's path
+        same = runner.invoke(checkpoint, ["migrate", source, same_place])
+        assert same.exit_code == 2 and "the same store" in same.stderr, same.output
+
+
+@pytest.mark.postgres
+def test_a_dry_run_into_postgresql_creates_no_schema(
+    postgres_database: str, tmp_path: Path
+) -> None:
+    import psycopg
+
+    source_url = f"sqlite:///{tmp_path / 'a.db'}"
+    source = CheckpointStore.open(source_url)
+    _fill(source)
+    source.close()
+    schema = f"never_{uuid4().hex[:8]}"
+    target_url = f"{postgres_database}?schema={schema}"
+    dry = CliRunner(catch_exceptions=False).invoke(
+        checkpoint, ["migrate", source_url, target_url, "--dry-run", "--json"]
+    )
+    assert json.loads(dry.stdout.splitlines()[-1])["paused"] == 4, dry.output
+    with psycopg.connect(postgres_database) as conn:
+        found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,))
+        assert found.fetchone() is None

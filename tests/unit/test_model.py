@@ -60,3 +60,22 @@ def test_owner_death_needs_our_boot_and_pid_namespace_known_on_both_sides(
     gone = Owner.current().model_copy(update={"pid": child.pid, "pid_start": None})
     assert gone.is_dead_here()
     assert not gone.model_copy(update=unproved).is_dead_here()
+
+
+def test_a_request_that_answered_an_earlier_pause_is_recognised_by_the_pause_it_answered() -> None:
+    from celery_checkpoint.model import EARLIER_ANSWERS_KEPT, ResumeRequest, RunRecord
+
+    run = RunRecord(
+        run_id="r", task_name="t", step="s", pause_seq=4, earlier_answers=["a", "b", "c"]
+    )
+    assert [run.answered_pause(r) for r in ("a", "b", "c", "d")] == [1, 2, 3, None]
+    # A run whose record kept only the latest answers still counts from the end.
+    kept = run.model_copy(update={"pause_seq": 100, "earlier_answers": ["x", "y"]})
+    assert (kept.answered_pause("x"), kept.answered_pause("y")) == (98, 99)
+    # The request pending for the current pause is not an earlier answer...
+    pending = ResumeRequest(request_id="d", input=None, pause_seq=4)
+    assert run.model_copy(update={"resume": pending}).answered_pause("d") is None
+    # ...but once the run completed with it, it is.
+    done = run.model_copy(update={"resume": pending, "status": "completed"})
+    assert done.answered_pause("d") == 4
+    assert EARLIER_ANSWERS_KEPT >= 10

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,3 +48,15 @@ def test_a_bad_web_setting_is_one_clear_error(key: str, value: Any, words: str) 
     with pytest.raises(ImproperlyConfigured, match=key) as caught:
         config(**{key: value})
     assert words in str(caught.value)
+
+
+def test_serve_finds_the_authenticate_hook_in_the_current_directory_as_celery_finds_the_app(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_checkpoint._cli_admin import _import_hook
+
+    name = f"authhook_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("def who(request):\n    return 'ana'\n")
+    monkeypatch.chdir(tmp_path)
+    hook = _import_hook(f"{name}:who")
+    assert hook(None) == "ana"

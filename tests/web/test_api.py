@@ -144,6 +144,37 @@ def test_a_second_answer_gets_409_and_a_later_pause_is_not_answered_by_an_old_on
     third = http.post(f"/api/runs/{result.id}/resume", json={"input": "c", "request_id": "x"})
     assert third.status_code in (409, 410)  # pending, or already completed
     assert get(result, worker) == {"x": 3, "first": "a", "second": "b"}
+    # A completed run cannot be cancelled: the same answer as to a late resume.
+    assert error_of(http.post(f"/api/runs/{result.id}/cancel", json={}), 410)["code"] == "completed"
+
+
+def test_an_answer_delivered_again_after_the_run_paused_again_is_not_its_next_answer(
+    app: Celery, checkpoints: Checkpoints, worker: Worker, http: httpx.Client
+) -> None:
+    result = pause(app, worker, "proj.two_pauses", 4)
+    url = f"/api/runs/{result.id}/resume"
+    assert http.post(url, json={"input": "a", "request_id": "evt-1"}).status_code == 202
+    wait_until(
+        lambda: (run := checkpoints.store.load(result.id)) is not None and run.pause_seq == 2,
+        "the second pause",
+        60,
+        worker,
+    )
+    # The provider delivers evt-1 again: the answer it carries went to pause 1.
+    again = http.post(url, json={"input": "z", "request_id": "evt-1"})
+    assert again.status_code == 200, again.text
+    assert again.json()["status"] == "already answered" and again.json()["pause_seq"] == 1
+    checkpoints.resume(result.id, "z", request_id="evt-1")  # from code: the same
+    run = checkpoints.store.load(result.id)
+    assert run is not None and run.pause_seq == 2 and run.current_resume is None
+    assert run.earlier_answers == ["evt-1"]
+
+    assert http.post(url, json={"input": "b", "request_id": "evt-2"}).status_code == 202
+    assert get(result, worker) == {"x": 4, "first": "a", "second": "b"}
+    for request_id, pause_seq in (("evt-1", 1), ("evt-2", 2)):
+        late = http.post(url, json={"input": "q", "request_id": request_id})
+        assert late.status_code == 200 and late.json()["pause_seq"] == pause_seq, late.text
+    assert error_of(http.post(url, json={"input": "q", "request_id": "evt-3"}), 410)
 
 
 def test_unknown_runs_404_cancelled_runs_410_and_cancel_is_idempotent(

@@ -183,7 +183,8 @@ def show(ctx: click.Context, run_id: str, as_json: bool) -> None:
     if request is not None:
         what = "timeout" if request.timed_out else f"input {json.dumps(request.input)}"
         detail = f": {request.error}" if request.error else ""
-        lines.append(("resume", f"{request.request_id} {request.status}{detail} ({what})"))
+        status = run.answer_status(request)
+        lines.append(("resume", f"{request.request_id} {status}{detail} ({what})"))
         who = request.actor or "unknown"
         lines.append(
             ("answered by", f"{who} via {request.via} at {request.requested_at.isoformat()}")

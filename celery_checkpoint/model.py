@@ -349,6 +349,16 @@ class RunRecord(BaseModel):
             return request
         return None
 
+    def answer_status(self, request: ResumeRequest) -> Literal["pending", "failed", "applied"]:
+        """How ``request`` (an answer recorded on this run) stands: ``failed`` (its
+        body raised), ``applied`` (it resumed a pause the run has left: the run
+        completed or paused again), else ``pending`` (not run yet, or running)."""
+        if request.status == "failed":
+            return "failed"
+        if self.status == "completed" or request.pause_seq < self.pause_seq:
+            return "applied"
+        return "pending"
+
     def answered_pause(self, request_id: str) -> int | None:
         """The pause ``request_id`` answered, when that is an earlier pause of this
         run (or, for a completed run, its last one): the same answer again, never

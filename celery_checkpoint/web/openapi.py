@@ -59,7 +59,9 @@ class Answer(BaseModel):
     """A resume request recorded on the run, and who made it."""
 
     request_id: str
-    status: Literal["pending", "failed"]
+    #: pending: not run yet (or running); failed: its body raised; applied: it
+    #: resumed a pause the run has left (completed, or paused again)
+    status: Literal["pending", "failed", "applied"]
     input: JsonValue = None
     actor: str | None
     via: Via
@@ -193,7 +195,7 @@ def _summary_fields(info: RunInfo) -> dict[str, Any]:
         if request is None
         else Answer(
             request_id=request.request_id,
-            status=request.status,
+            status=run.answer_status(request),
             input=request.input,
             actor=request.actor,
             via=request.via,

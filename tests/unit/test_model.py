@@ -79,3 +79,15 @@ def test_a_request_that_answered_an_earlier_pause_is_recognised_by_the_pause_it_
     done = run.model_copy(update={"resume": pending, "status": "completed"})
     assert done.answered_pause("d") == 4
     assert EARLIER_ANSWERS_KEPT >= 10
+
+
+def test_an_answer_is_pending_until_the_run_leaves_its_pause_then_applied() -> None:
+    from celery_checkpoint.model import ResumeRequest, RunRecord
+
+    request = ResumeRequest(request_id="a", input=None, pause_seq=2)
+    run = RunRecord(run_id="r", task_name="t", step="s", pause_seq=2, resume=request)
+    assert run.answer_status(request) == "pending"
+    assert run.model_copy(update={"pause_seq": 3}).answer_status(request) == "applied"
+    assert run.model_copy(update={"status": "completed"}).answer_status(request) == "applied"
+    failed = request.model_copy(update={"status": "failed"})
+    assert run.answer_status(failed) == "failed"

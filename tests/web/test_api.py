@@ -175,6 +175,9 @@ def test_an_answer_delivered_again_after_the_run_paused_again_is_not_its_next_an
         late = http.post(url, json={"input": "q", "request_id": request_id})
         assert late.status_code == 200 and late.json()["pause_seq"] == pause_seq, late.text
     assert error_of(http.post(url, json={"input": "q", "request_id": "evt-3"}), 410)
+    # The answer that completed the run is shown as applied, not as pending.
+    answer = http.get(f"/api/runs/{result.id}").json()["answer"]
+    assert (answer["request_id"], answer["status"]) == ("evt-2", "applied")
 
 
 def test_unknown_runs_404_cancelled_runs_410_and_cancel_is_idempotent(

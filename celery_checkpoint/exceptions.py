@@ -132,13 +132,22 @@ class AlreadyResumed(CheckpointError):
     """Another resume request (a different ``request_id``) is pending, or already
     ran the run to completion (``completed``)."""
 
-    def __init__(self, run_id: str, pending_request_id: str, completed: bool = False) -> None:
-        super().__init__(run_id, pending_request_id, completed)
+    def __init__(
+        self, run_id: str, pending_request_id: str, completed: bool = False, key: bool = False
+    ) -> None:
+        super().__init__(run_id, pending_request_id, completed, key)
+        #: the run, or with ``key`` the business key an early answer is kept for
         self.run_id = run_id
         self.pending_request_id = pending_request_id
         self.completed = completed
+        self.key = key
 
     def __str__(self) -> str:
+        if self.key:
+            return (
+                f"key {self.run_id!r} already has an answer waiting for its pause "
+                f"({self.pending_request_id!r})"
+            )
         if self.completed:
             return f"run {self.run_id!r} already completed (resumed by {self.pending_request_id!r})"
         return (

@@ -257,6 +257,7 @@ def test_an_answer_before_the_pause_is_kept_and_consumed_by_the_pause_naming_its
     with pytest.raises(AlreadyResumed) as caught:
         store.answer_key("pay:1", None, "evt-2", ttl=LONG)
     assert (caught.value.run_id, caught.value.pending_request_id) == ("pay:1", "evt-1")
+    assert caught.value.key and str(caught.value).startswith("key 'pay:1' already has an answer")
     assert store.find_key("pay:1") is None, "an early answer holds no key"
 
     attached = store.save(make_run("r1", key="pay:1", pause_seq=2), create=True)

@@ -35,12 +35,22 @@ ERRORS: list[CheckpointError] = [
     ResumeRejected("order-1", "1 error", [{"loc": ["approved"], "msg": "Input should be a bool"}]),
     AlreadyResumed("order-1", "evt-1"),
     AlreadyResumed("order-1", "evt-1", completed=True),
+    AlreadyResumed("stripe:pi_1", "evt-1", key=True),
     PauseExpired("run 'order-1' expired at its deadline"),
     RunCancelled("run 'order-1' was cancelled: customer left"),
     StoreUnavailable("save of run 'order-1' failed"),
 ]
 
-FIELDS = ("run_id", "status", "detail", "errors", "pending_request_id", "completed", "message")
+FIELDS = (
+    "run_id",
+    "status",
+    "detail",
+    "errors",
+    "pending_request_id",
+    "completed",
+    "key",
+    "message",
+)
 
 
 def _fields(error: BaseException) -> dict[str, object]:
@@ -76,3 +86,9 @@ def test_a_store_error_rebuilt_from_json_keeps_its_cause_as_text() -> None:
     assert str(again).startswith("save of run 'order-1' failed: ")
     assert "No space left" in str(again)
     assert isinstance(again.cause, Exception)
+
+
+def test_an_answer_refused_for_a_key_names_the_key() -> None:
+    assert str(AlreadyResumed("stripe:pi_1", "evt-1", key=True)) == (
+        "key 'stripe:pi_1' already has an answer waiting for its pause ('evt-1')"
+    )

@@ -101,7 +101,7 @@ class Keys(Transitions):
                     if early is not None and early.expires > now:
                         if early.request.request_id == request.request_id:
                             return None, early.request
-                        raise AlreadyResumed(key, early.request.request_id)
+                        raise AlreadyResumed(key, early.request.request_id, key=True)
                     self._write_early(key, request, now + ttl)
                     return None, request
 

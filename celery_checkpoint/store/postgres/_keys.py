@@ -65,7 +65,7 @@ class Keys(Transitions):
                 if kept is not None:
                     existing = ResumeRequest.model_validate_json(kept[0])
                     if existing.request_id != request.request_id:
-                        raise AlreadyResumed(key, existing.request_id)
+                        raise AlreadyResumed(key, existing.request_id, key=True)
                     return None, existing
                 conn.execute(
                     self._q["put_early_answer"],

@@ -179,7 +179,7 @@ class Keys(Transitions):
             if status == "stored":
                 return None, request
             if status == "already":
-                raise AlreadyResumed(key, text(result[1]))
+                raise AlreadyResumed(key, text(result[1]), key=True)
             if status == "kept":
                 try:
                     return None, ResumeRequest.model_validate_json(result[1])

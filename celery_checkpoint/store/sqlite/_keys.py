@@ -105,7 +105,7 @@ class Keys(Transitions):
                 existing = resume_from(key, early[0])
                 if existing.request_id == request.request_id:
                     return None, existing
-                raise AlreadyResumed(key, existing.request_id)
+                raise AlreadyResumed(key, existing.request_id, key=True)
             db.execute(
                 "INSERT OR REPLACE INTO early_answers (key, request, expires_at, created_at) "
                 "VALUES (?, ?, ?, ?)",

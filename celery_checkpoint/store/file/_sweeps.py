@@ -117,18 +117,23 @@ class Sweeps(Keys):
             pending = sum(1 for _ in self._fs.names("pending"))
             return make_stats(runs, in_flight, pending, len(self._due_timeouts(None)))
 
+    def _entries_before(self, kind: str, cutoff: float) -> Iterator[str]:
+        """The run ids of ``kind`` entries last touched at or before ``cutoff``."""
+        for entry in self._fs.entries(kind):
+            try:
+                if entry.stat().st_mtime > cutoff:
+                    continue
+                run_id = validate_run_id(entry.name)
+            except (FileNotFoundError, ValueError):
+                continue
+            yield run_id
+
     def _due_resumes(self, older_than: float) -> builtins.list[str]:
         due: builtins.list[str] = []
         now = time.time()
         fs = self._fs
         with self._io("due_resumes", "*"):
-            for entry in fs.entries("pending"):
-                try:
-                    if entry.stat().st_mtime > now - older_than:
-                        continue
-                    run_id = validate_run_id(entry.name)
-                except (FileNotFoundError, ValueError):
-                    continue
+            for run_id in self._entries_before("pending", now - older_than):
                 with fs.locked(run_id):
                     run = self._read_live(run_id, tolerant=True)
                     if run is None or run.resume is None or run.resume.status != "pending":
@@ -149,13 +154,7 @@ class Sweeps(Keys):
         now = time.time()
         fs = self._fs
         with self._io("due_deliveries", "*"):
-            for entry in fs.entries("undelivered"):
-                try:
-                    if entry.stat().st_mtime > now - older_than:
-                        continue
-                    run_id = validate_run_id(entry.name)
-                except (FileNotFoundError, ValueError):
-                    continue
+            for run_id in self._entries_before("undelivered", now - older_than):
                 with fs.locked(run_id):
                     try:
                         ended = self._read_ended(run_id)

@@ -20,6 +20,7 @@ from .migrate import migrate as run_migration
 from .model import RunRecord
 from .store import CheckpointStore
 from .store._urls import redact
+from .store.sqlite import sqlite_path
 
 __all__ = ["migrate", "serve"]
 
@@ -38,13 +39,16 @@ def _import_hook(path: str) -> Any:
 
 def _local_path(target: str) -> str | None:
     """The path of a file or SQLite store target; None for a server's URL."""
-    scheme, sep, rest = target.partition(":")
+    scheme, sep, _ = target.partition(":")
     if not sep or len(scheme) == 1 or "/" in scheme:  # a plain path (or C:\\...)
         return target
     if scheme.lower() == "file":
         return unquote(urlsplit(target).path)
-    if scheme.lower() == "sqlite" and rest.startswith("///"):
-        return unquote(rest[3:].partition("?")[0])
+    if scheme.lower() == "sqlite":
+        try:
+            return str(sqlite_path(target)[0])  # as the store reads its URL
+        except ImproperlyConfigured:
+            return None  # opening it says what is wrong
     return None
 
 
